@@ -425,6 +425,7 @@ def _python2() -> str | None:
 
 def _python2_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no export_blobs.pyc beside the script
     if os.environ.get("PYTHON2PATH"):
         env["PYTHONPATH"] = os.environ["PYTHON2PATH"]
     return env
