@@ -59,3 +59,24 @@ test-all: $(SETUP)
 
 clean:
 	rm -rf build
+
+# Reference from the real deeplab-v2 Caffe in Docker (docs/caffe_docker.md).
+CAFFE_DEVICE ?= gpu
+CAFFE_IMAGE := deeplab-v2-caffe$(if $(filter cpu,$(CAFFE_DEVICE)),:cpu)
+INPUT ?= synthetic:321x321
+REFERENCE_OUT ?= build/reference/caffe.h5
+BLOBS ?=
+
+caffe-image:
+	$(if $(filter-out gpu cpu,$(CAFFE_DEVICE)),$(error CAFFE_DEVICE must be gpu or cpu))
+	docker build -t $(CAFFE_IMAGE) $(if $(filter cpu,$(CAFFE_DEVICE)),--build-arg CPU_ONLY=1) caffe_docker
+
+caffe-blobs:
+	$(if $(filter-out gpu cpu,$(CAFFE_DEVICE)),$(error CAFFE_DEVICE must be gpu or cpu))
+	@test -n "$(PROTOTXT)" || { echo "caffe-blobs needs PROTOTXT=<net.prototxt inside the checkout>"; exit 2; }
+	mkdir -p "$(dir $(REFERENCE_OUT))"
+	docker run --rm $(if $(filter gpu,$(CAFFE_DEVICE)),--gpus all) -u "$$(id -u):$$(id -g)" -e HOME=/tmp \
+		-v "$(CURDIR)":/work -w /work $(CAFFE_IMAGE) \
+		python2 /work/caffe_docker/export_blobs.py --prototxt "$(PROTOTXT)" --caffemodel "$(CAFFEMODEL)" \
+		--input "$(INPUT)" --out "$(REFERENCE_OUT)" $(if $(BLOBS),--blobs "$(BLOBS)") \
+		$(if $(filter gpu,$(CAFFE_DEVICE)),--gpu 0)
