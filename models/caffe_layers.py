@@ -1,0 +1,89 @@
+"""Caffe layers whose behaviour differs from PyTorch's defaults, written so the difference shows.
+
+- `FrozenBatchNormScale`: a Caffe BatchNorm (use_global_stats) followed by its Scale layer,
+  fixed statistics and affine, same arithmetic order as Caffe.
+- `CaffeMaxPool2d`: MAX pooling with Caffe's ceil rounding of the output size.
+- `EltwiseMax`: Caffe's Eltwise MAX, which requires equal shapes (no broadcasting).
+- `conv_output_size`, `caffe_pool_output_size`: Caffe's output-size formulas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, pad: int = 0, dilation: int = 1) -> int:
+    """Caffe's (and PyTorch's) convolution output size along one axis: floor rounding."""
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def caffe_pool_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Caffe's pooling output size along one axis: ceil rounding, then drop a last window
+    that would start in the bottom/right padding (Caffe's `(out-1)*stride >= size+pad` rule)."""
+    out = math.ceil((size + 2 * pad - kernel) / stride) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+class FrozenBatchNormScale(nn.Module):
+    """Caffe BatchNorm (global statistics) + Scale (gamma, beta) with everything fixed.
+
+    y = (x - mean) / sqrt(var + eps) * gamma + beta, evaluated in that order: Caffe's BatchNorm
+    subtracts the mean and divides by sqrt(var + eps), then its Scale layer multiplies by gamma
+    and adds beta. Multiplying by a folded gamma / sqrt(var + eps) instead would be cheaper but
+    rounds differently in float32, so fp32 parity with Caffe is tightest in this order.
+    All four tensors are buffers: nothing is trained and `train()` changes nothing (the Caffe
+    layers run with use_global_stats and lr_mult 0). `mean`/`var` are already divided by
+    Caffe's moving-average factor. The per-channel vectors are cast to the input's dtype.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        # var + eps in the buffers' dtype as Caffe adds it; the square root correctly rounded
+        # (float64, then rounded): torch.sqrt on float32 CPU can be 1 ulp off IEEE sqrtf.
+        std = torch.sqrt((self.running_var + self.eps).double()).to(x.dtype).reshape(shape)
+        mean = self.running_mean.to(x.dtype).reshape(shape)
+        gamma = self.weight.to(x.dtype).reshape(shape)
+        beta = self.bias.to(x.dtype).reshape(shape)
+        return (x - mean) / std * gamma + beta
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class CaffeMaxPool2d(nn.MaxPool2d):
+    """MAX pooling with Caffe's output size: ceil rounding with the last-window clip.
+
+    PyTorch's `ceil_mode=True` applies the same rule as Caffe (see `caffe_pool_output_size`;
+    the tests pin it at sizes where ceil and floor differ). Padded cells never win the max,
+    as in Caffe, whose windows are clipped to the image.
+    """
+
+    def __init__(self, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__(kernel_size, stride=stride, padding=padding, ceil_mode=True)
+
+
+class EltwiseMax(nn.Module):
+    """Caffe Eltwise MAX: the elementwise maximum of inputs that must have identical shapes."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        shapes = [tuple(t.shape) for t in inputs]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"Eltwise MAX needs inputs of one shape, got {shapes}")
+        out = inputs[0]
+        for other in inputs[1:]:
+            out = torch.maximum(out, other)
+        return out
