@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 
 from converter.errors import CaffeError
+from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +243,27 @@ def update_manifest(out_dir: str | Path, key: str, value: Any) -> dict[str, Any]
             raise CaffeError(f"cannot update the manifest: {error.strerror or error}", path=out) from None
         raise
     return manifest
+
+
+def build_model(manifest: dict[str, Any], state_dict: dict[str, torch.Tensor], *, msc: bool = True) -> torch.nn.Module:
+    """The model a manifest describes (multi-scale or single-scale), weights loaded strictly, in eval mode."""
+    entry = manifest["model"]
+    if entry.get("arch") != ARCH:
+        raise CaffeError(f"manifest describes arch {entry.get('arch')!r}, expected {ARCH!r}")
+    config = ResNetConfig(**entry["config"])
+    model_class = DeepLabV2MSC if msc else DeepLabV2
+    model = model_class(num_classes=entry["num_classes"], config=config, bn_eps=entry["bn_eps"])
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise CaffeError(f"weights do not fit the manifest's model: {str(error).splitlines()[0]} ...") from None
+    return model.eval()
+
+
+def load_model(path: str | Path, *, msc: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Read a checkpoint (folder or file) and build its model; returns (model, manifest)."""
+    state_dict, manifest = read_checkpoint(path)
+    try:
+        return build_model(manifest, state_dict, msc=msc), manifest
+    except CaffeError as error:
+        raise CaffeError(error.message, path=path) from None

@@ -12,7 +12,30 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from converter.errors import CaffeError
-from models.deeplab import ResNetConfig
+from models.deeplab import (
+    ASPP_DILATIONS,
+    CAFFE_STAGES,
+    DEFAULT_HEAD_NAME,
+    MSC_TOWER_SUFFIXES,
+    ResNetConfig,
+    caffe_block_name,
+    caffe_blocks,
+)
+
+__all__ = [
+    "DEFAULT_HEAD_NAME",
+    "HEAD_BRANCHES",
+    "LAYER_TYPE_OF_KIND",
+    "TOWER_SUFFIXES",
+    "BlobKind",
+    "BlobRow",
+    "caffe_block_name",
+    "config_from_state_dict",
+    "head_layer_names",
+    "name_map",
+    "state_dict_keys",
+    "tower_copy_names",
+]
 
 BlobKind = Literal[
     "conv_weight", "bn_mean", "bn_var", "bn_factor", "scale_weight", "scale_bias", "head_weight", "head_bias"
@@ -31,10 +54,8 @@ LAYER_TYPE_OF_KIND: dict[str, str] = {
 }
 
 # The multi-scale nets repeat every parameter layer in two more towers under these suffixes.
-TOWER_SUFFIXES: tuple[str, ...] = ("_res075", "_res05")
-HEAD_BRANCHES = 4
-DEFAULT_HEAD_NAME = "fc1_voc12"
-STAGES = (2, 3, 4, 5)  # Caffe stages res2..res5 = model layer1..layer4
+TOWER_SUFFIXES: tuple[str, ...] = tuple(suffix for suffix in MSC_TOWER_SUFFIXES if suffix)
+HEAD_BRANCHES = len(ASPP_DILATIONS)
 
 
 @dataclass(frozen=True)
@@ -45,15 +66,6 @@ class BlobRow:
     index: int
     key: str | None
     kind: BlobKind
-
-
-def caffe_block_name(stage: int, index: int) -> str:
-    """Caffe's block name: res2/res5 use letters a, b, c, ...; res3/res4 use a, b1, b2, ... (by stage)."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage}")
-    if stage in (2, 5):
-        return chr(ord("a") + index)
-    return "a" if index == 0 else f"b{index}"
 
 
 def head_layer_names(head_name: str) -> tuple[str, ...]:
@@ -93,16 +105,11 @@ def name_map(config: ResNetConfig, head_name: str = DEFAULT_HEAD_NAME) -> tuple[
     """Every Caffe blob of the single-tower DeepLab-v2 net for `config`, in net order."""
     rows = [BlobRow("conv1", 0, "backbone.conv1.weight", "conv_weight")]
     rows += _norm_rows("bn_conv1", "scale_conv1", "backbone.bn1")
-    for layer_index, (stage, count) in enumerate(zip(STAGES, config.blocks), start=1):
-        for block in range(count):
-            caffe_block = f"{stage}{caffe_block_name(stage, block)}"
-            prefix = f"backbone.layer{layer_index}.{block}"
-            if block == 0:
-                rows += _conv_norm_rows(
-                    f"{caffe_block}_branch1", f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1"
-                )
-            for conv, letter in enumerate("abc", start=1):
-                rows += _conv_norm_rows(f"{caffe_block}_branch2{letter}", f"{prefix}.conv{conv}.weight", f"{prefix}.bn{conv}")
+    for prefix, caffe_block in caffe_blocks(config):
+        if prefix.endswith(".0"):  # a stage's first block has the projection shortcut
+            rows += _conv_norm_rows(f"{caffe_block}_branch1", f"{prefix}.downsample.0.weight", f"{prefix}.downsample.1")
+        for conv, letter in enumerate("abc", start=1):
+            rows += _conv_norm_rows(f"{caffe_block}_branch2{letter}", f"{prefix}.conv{conv}.weight", f"{prefix}.bn{conv}")
     for branch, layer in enumerate(head_layer_names(head_name)):
         rows.append(BlobRow(layer, 0, f"aspp.branches.{branch}.weight", "head_weight"))
         rows.append(BlobRow(layer, 1, f"aspp.branches.{branch}.bias", "head_bias"))
@@ -123,11 +130,11 @@ def config_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[ResNetConfig,
         return tuple(state_dict[key].shape)
 
     blocks = []
-    for layer_index in range(1, len(STAGES) + 1):
+    for layer_index in range(1, len(CAFFE_STAGES) + 1):
         count = 0
         while f"backbone.layer{layer_index}.{count}.conv1.weight" in state_dict:
             count += 1
         blocks.append(count)
-    widths = tuple(shape(f"backbone.layer{i}.0.conv1.weight")[0] for i in range(1, len(STAGES) + 1))
+    widths = tuple(shape(f"backbone.layer{i}.0.conv1.weight")[0] for i in range(1, len(CAFFE_STAGES) + 1))
     config = ResNetConfig(blocks=tuple(blocks), stem_width=shape("backbone.conv1.weight")[0], widths=widths)
     return config, shape("aspp.branches.0.weight")[0]

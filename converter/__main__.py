@@ -1,0 +1,5 @@
+"""`python -m converter`: the conversion command line (see converter/cli.py)."""
+
+from converter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""A DeepLab-v2 Caffe net (layers + blobs) -> the state dict of models.deeplab, checked one-to-one.
+
+Every blob the name map uses is consumed exactly once, every key of the model is filled
+with the shape the model has, and nothing else in the net carries weights except the
+multi-scale tower copies, which must equal the full tower's blobs. Failures name both the
+Caffe side and the PyTorch side. Weights stay zero-copy views of the reader's arrays; only
+the BatchNorm statistics are new arrays (divided by Caffe's moving-average factor). NaN/inf
+blobs are rejected by the reader, which sees every blob first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from converter.deeplab_names import (
+    LAYER_TYPE_OF_KIND,
+    TOWER_SUFFIXES,
+    BlobRow,
+    head_layer_names,
+    name_map,
+    tower_copy_names,
+)
+from converter.errors import CaffeError
+from converter.netdesc import Layer, Net
+from models.deeplab import CAFFE_STAGES, DeepLabV2, ResNetConfig, caffe_block_name
+
+log = logging.getLogger(__name__)
+
+_HEAD_BRANCH = re.compile(r"(fc1_.+)_c([0-3])")
+DEFAULT_BN_EPS = 1e-5  # Caffe's BatchNormParameter default
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the net the conversion accounted for."""
+
+    layers_read: int
+    layers_with_blobs: int
+    blobs_consumed: int
+    keys_filled: int
+    tower_copies_checked: int
+    tower_blobs_checked: int
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-ready form for the checkpoint manifest."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """The converted weights and what the conversion learned from the net."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: ResNetConfig
+    num_classes: int
+    head_name: str
+    bn_eps: float
+    coverage: Coverage
+
+
+def detect_head_name(net: Net) -> str:
+    """The head prefix (e.g. "fc1_voc12") of the one set of layers <head>_c0..c3 that is not a tower copy."""
+    branches: dict[str, set[str]] = defaultdict(set)
+    for layer in net.layers:
+        match = _HEAD_BRANCH.fullmatch(layer.name)
+        if match:
+            branches[match.group(1)].add(match.group(2))
+    complete = {head for head, found in branches.items() if found == {"0", "1", "2", "3"}}
+    heads = sorted(h for h in complete if not any(h == other + sfx for other in complete for sfx in TOWER_SUFFIXES))
+    if len(heads) == 1:
+        return heads[0]
+    if not heads:
+        raise CaffeError("no ASPP head: expected layers fc1_<name>_c0 .. fc1_<name>_c3", path=net.path)
+    raise CaffeError(f"several ASPP heads ({', '.join(heads)}); name the one to convert", path=net.path)
+
+
+def _first_blob(net: Net, layer_name: str) -> np.ndarray:
+    if not net.has_layer(layer_name) or not net.layer(layer_name).blobs:
+        what = "has no weights (the weights file has no layer of this name)" if net.has_layer(layer_name) else "missing"
+        raise CaffeError(f"layer {what}: not a DeepLab-v2 ResNet with this head", path=net.path, layer=layer_name)
+    return net.layer(layer_name).blobs[0]
+
+
+def infer_config(net: Net) -> ResNetConfig:
+    """Block counts from the layer names res<stage><block>_branch2a, widths from their weight shapes."""
+    blocks = []
+    for stage in CAFFE_STAGES:
+        count = 0
+        while net.has_layer(f"res{stage}{caffe_block_name(stage, count)}_branch2a"):
+            count += 1
+        blocks.append(count)
+    widths = tuple(int(_first_blob(net, f"res{stage}a_branch2a").shape[0]) for stage in CAFFE_STAGES)
+    stem_width = int(_first_blob(net, "conv1").shape[0])
+    return ResNetConfig(blocks=tuple(blocks), stem_width=stem_width, widths=widths)
+
+
+def net_bn_eps(net: Net) -> float:
+    """The one eps of all BatchNorm layers in the net definition (Caffe's default 1e-5 when unset)."""
+    by_eps: dict[float, str] = {}
+    for layer in net.layers:
+        if layer.type == "BatchNorm":
+            # The field is a float32 in caffe.proto; keep its shortest decimal form (1e-05, not 9.99e-06).
+            eps = float(str(np.float32(layer.param.batch_norm_param.eps)))
+            by_eps.setdefault(eps, layer.name)
+    if len(by_eps) > 1:
+        listed = ", ".join(f"{eps:g} (e.g. layer '{name}')" for eps, name in by_eps.items())
+        raise CaffeError(f"BatchNorm layers use different eps: {listed}; the model has one eps", path=net.path)
+    return next(iter(by_eps), DEFAULT_BN_EPS)
+
+
+def _axis_pair(param: Any, repeated: str, default: int, h_field: str | None = None) -> tuple[int, int]:
+    """Caffe's per-axis reading of a ConvolutionParameter field: x_h/x_w if set, else 0, 1 or 2 values."""
+    if h_field is not None and (param.HasField(h_field) or param.HasField(h_field[:-1] + "w")):
+        return getattr(param, h_field), getattr(param, h_field[:-1] + "w")
+    values = list(getattr(param, repeated))
+    if not values:
+        return default, default
+    return values[0], values[-1]
+
+
+def _check_conv_geometry(layer: Layer, module: torch.nn.Conv2d, key: str, path: str) -> None:
+    """The Caffe layer's stride, pad and dilation must be the model's (weights alone do not show them)."""
+    param = layer.param.convolution_param
+    caffe = (
+        _axis_pair(param, "stride", 1, "stride_h"),
+        _axis_pair(param, "pad", 0, "pad_h"),
+        _axis_pair(param, "dilation", 1),
+    )
+    model = (tuple(module.stride), tuple(module.padding), tuple(module.dilation))
+    if caffe != model:
+        raise CaffeError(
+            f"caffe stride/pad/dilation {caffe} != {key.rsplit('.', 1)[0]} {model}", path=path, layer=layer.name
+        )
+
+
+def _fit(blob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`blob` in `shape`: as is, or a legacy 4-D blob (1,1,..,C) viewed in its real shape; None if neither."""
+    if blob.shape == shape:
+        return blob
+    lead = blob.ndim - len(shape)
+    if blob.ndim == 4 and lead > 0 and all(d == 1 for d in blob.shape[:lead]) and blob.shape[lead:] == shape:
+        return blob.reshape(shape)
+    return None
+
+
+def _describe(row: BlobRow, blob: np.ndarray) -> str:
+    return f"caffe blob {row.layer}[{row.index}] shape {tuple(blob.shape)}"
+
+
+def _divide_by_factor(stat: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Caffe's BatchNorm: statistics are stored times the moving-average factor s; s == 0 means zero."""
+    s = np.float32(factor.reshape(-1)[0])
+    scale = np.float32(0.0) if s == 0 else np.float32(1.0) / s
+    return (stat * scale).astype(np.float32, copy=False)
+
+
+def _check_tower_copies(net: Net, layer: Layer, head_name: str) -> tuple[int, int]:
+    """Compare each tower copy of `layer` with it blob by blob; returns (copies, blobs) checked."""
+    copies = blobs = 0
+    for copy_name in tower_copy_names(layer.name, head_name):
+        if not net.has_layer(copy_name) or not net.layer(copy_name).blobs:
+            continue
+        copy = net.layer(copy_name)
+        if len(copy.blobs) != len(layer.blobs):
+            raise CaffeError(
+                f"tower copy has {len(copy.blobs)} blobs, '{layer.name}' has {len(layer.blobs)}",
+                path=net.path, layer=copy_name,
+            )
+        for index, (theirs, ours) in enumerate(zip(copy.blobs, layer.blobs)):
+            if theirs.shape != ours.shape or not np.array_equal(theirs, ours):
+                raise CaffeError(
+                    f"tower copy blob {index} differs from '{layer.name}'[{index}]; "
+                    "the shared towers must hold identical weights",
+                    path=net.path, layer=copy_name,
+                )
+        copies += 1
+        blobs += len(copy.blobs)
+    return copies, blobs
+
+
+def convert_deeplab(
+    net: Net,
+    *,
+    config: ResNetConfig | None = None,
+    num_classes: int | None = None,
+    head_name: str | None = None,
+    progress: bool = False,
+) -> ConversionResult:
+    """Convert a DeepLab-v2 net read with its blobs into a state dict for DeepLabV2 / DeepLabV2MSC.
+
+    `config` and `head_name` are inferred from the net when not given; `num_classes`, when
+    given, must match the head. The BN eps comes from the net definition in use (the
+    prototxt when one was read, else the caffemodel's own layers).
+    """
+    head_name = head_name or detect_head_name(net)
+    config = config or infer_config(net)
+    rows = name_map(config, head_name)
+    head_classes = int(_first_blob(net, head_layer_names(head_name)[0]).shape[0])
+    if num_classes is not None and num_classes != head_classes:
+        raise CaffeError(
+            f"head has {head_classes} classes, expected {num_classes}", path=net.path, layer=head_layer_names(head_name)[0]
+        )
+    with torch.device("meta"):  # the model's keys, shapes and conv geometry, without memory for weights
+        model = DeepLabV2(num_classes=head_classes, config=config)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    mapped_keys = {row.key for row in rows if row.key is not None}
+    if mapped_keys != expected.keys():
+        unfilled = sorted(expected.keys() - mapped_keys)
+        unknown = sorted(mapped_keys - expected.keys())
+        raise CaffeError(f"name map and model disagree: model keys not filled {unfilled}; map keys not in model {unknown}")
+
+    rows_by_layer: dict[str, list[BlobRow]] = defaultdict(list)
+    for row in rows:
+        rows_by_layer[row.layer].append(row)
+    arrays: dict[str, np.ndarray] = {}
+    factors: dict[str, np.ndarray] = {}
+    copies_checked = blobs_checked = 0
+    for layer_name, layer_rows in tqdm(rows_by_layer.items(), desc="layers", unit="layer", disable=not progress):
+        if not net.has_layer(layer_name):
+            needed = ", ".join(row.key for row in layer_rows if row.key)
+            raise CaffeError(f"missing layer: needed for {needed}", path=net.path, layer=layer_name)
+        layer = net.layer(layer_name)
+        expected_type = LAYER_TYPE_OF_KIND[layer_rows[0].kind]
+        if layer.type != expected_type:
+            raise CaffeError(f"layer type {layer.type}, expected {expected_type}", path=net.path, layer=layer_name)
+        if not layer.blobs:
+            raise CaffeError(
+                "layer has no weights: the weights file has no layer of this name", path=net.path, layer=layer_name
+            )
+        if len(layer.blobs) != len(layer_rows):
+            used = ", ".join(row.key or "moving-average factor" for row in layer_rows)
+            raise CaffeError(
+                f"layer has {len(layer.blobs)} blobs, the map uses {len(layer_rows)} ({used})",
+                path=net.path, layer=layer_name,
+            )
+        for row in layer_rows:
+            blob = layer.blobs[row.index]
+            shape = (1,) if row.key is None else expected[row.key]
+            fitted = _fit(blob, shape)
+            if fitted is None:
+                target = row.key or "the moving-average factor"
+                raise CaffeError(f"{_describe(row, blob)} != {target} {shape}", path=net.path, layer=layer_name)
+            if row.kind == "bn_factor":
+                factors[row.layer] = fitted
+            else:
+                arrays[row.key] = fitted
+            if row.kind in ("conv_weight", "head_weight"):
+                _check_conv_geometry(layer, model.get_submodule(row.key.rsplit(".", 1)[0]), row.key, net.path)
+        copies, blobs = _check_tower_copies(net, layer, head_name)
+        copies_checked += copies
+        blobs_checked += blobs
+
+    for row in rows:
+        if row.kind in ("bn_mean", "bn_var"):
+            arrays[row.key] = _divide_by_factor(arrays[row.key], factors[row.layer])
+
+    used_layers = set(rows_by_layer)
+    for name in list(used_layers):
+        used_layers.update(tower_copy_names(name, head_name))
+    unused = [layer.name for layer in net.layers if layer.blobs and layer.name not in used_layers]
+    if unused:
+        shown = ", ".join(unused[:8]) + (f" (+{len(unused) - 8} more)" if len(unused) > 8 else "")
+        raise CaffeError(f"layers with weights the DeepLab-v2 map does not use: {shown}", path=net.path)
+
+    # Zero-copy: the reader's arrays are writable copy-on-write views of the mapped file.
+    state_dict = {key: torch.from_numpy(arrays[key]) for key in expected}
+    coverage = Coverage(
+        layers_read=len(net.layers),
+        layers_with_blobs=sum(1 for layer in net.layers if layer.blobs),
+        blobs_consumed=len(rows),
+        keys_filled=len(state_dict),
+        tower_copies_checked=copies_checked,
+        tower_blobs_checked=blobs_checked,
+    )
+    bn_eps = net_bn_eps(net)
+    log.info(
+        "converted %s: %d blobs -> %d keys, %d tower copies checked, bn eps %g",
+        net.path, coverage.blobs_consumed, coverage.keys_filled, copies_checked, bn_eps,
+    )
+    return ConversionResult(state_dict, config, head_classes, head_name, bn_eps, coverage)
