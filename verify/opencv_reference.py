@@ -56,16 +56,19 @@ def require_opencv4() -> ModuleType:
 
 @dataclass(frozen=True)
 class BlobGraph:
-    """Where each blob of a net comes from: forward order and the layer that writes its final value."""
+    """Where each top blob of a net comes from: forward order and the layer that writes its final value.
+
+    A declared input is a top blob only if some layer writes it (in place); otherwise its value is the
+    feed, which the file keeps under /inputs (as the Caffe exporter does).
+    """
 
     inputs: tuple[str, ...]  # declared inputs, in the order OpenCV numbers them
-    order: tuple[str, ...]  # every blob, in the order it is first produced (inputs first)
+    order: tuple[str, ...]  # every top blob, in the order a layer first produces it
     last_writer: Mapping[str, tuple[str, int]]  # blob -> (layer name, top index) of its last writer
 
     @classmethod
     def of(cls, net: Net) -> BlobGraph:
-        inputs = list(net.inputs)
-        order = list(inputs)
+        order: list[str] = []
         last_writer: dict[str, tuple[str, int]] = {}
         seen_layers: set[str] = set()
         for layer in net.layers:
@@ -76,10 +79,10 @@ class BlobGraph:
                                  layer=layer.name)
             seen_layers.add(layer.name)
             for index, top in enumerate(layer.tops):
-                if top not in last_writer and top not in inputs:
+                if top not in last_writer:
                     order.append(top)
                 last_writer[top] = (layer.name, index)
-        return cls(tuple(inputs), tuple(order), last_writer)
+        return cls(tuple(net.inputs), tuple(order), last_writer)
 
 
 def stage_blobs(net: Net) -> list[str]:
@@ -171,9 +174,11 @@ def _check_feeds(graph: BlobGraph, inputs: Mapping[str, np.ndarray], path: Path)
 def _check_wanted(graph: BlobGraph, blobs: Sequence[str] | None, path: Path) -> list[str]:
     if blobs is None:
         return list(graph.order)
-    unknown = [name for name in blobs if name not in graph.order]
+    unknown = [name for name in blobs if name not in graph.last_writer]
     if unknown:
-        raise CaffeError(f"no blob named {', '.join(repr(n) for n in unknown[:5])} in the net", path=path)
+        inputs = [name for name in unknown if name in graph.inputs]
+        note = f" ({', '.join(inputs)}: net input, kept under /inputs)" if inputs else ""
+        raise CaffeError(f"no layer of the net produces {', '.join(repr(n) for n in unknown[:5])}{note}", path=path)
     wanted = set(blobs)
     return [name for name in graph.order if name in wanted]
 
@@ -290,7 +295,7 @@ def _forward(
 ) -> dict[str, np.ndarray]:
     """One forward pass asking OpenCV for the last writer of every wanted blob."""
     net = _load_net(cv2, run_prototxt, caffemodel, shown_as)
-    writers = list(dict.fromkeys(graph.last_writer[name][0] for name in wanted if name in graph.last_writer))
+    writers = list(dict.fromkeys(graph.last_writer[name][0] for name in wanted))
     absent = [name for name in writers if net.getLayerId(name) < 0]
     if absent:
         raise CaffeError(f"OpenCV's net has no layer {', '.join(repr(n) for n in absent[:5])}", path=shown_as)
@@ -302,11 +307,8 @@ def _forward(
         raise CaffeError(f"OpenCV forward failed: {_cv_message(exc)}", path=shown_as) from None
     values: dict[str, np.ndarray] = {}
     for name in wanted:
-        if name in graph.last_writer:
-            layer, index = graph.last_writer[name]
-            values[name] = np.asarray(outputs[layer][index], dtype=np.float32)
-        else:  # a net input no layer writes: its value is what was fed
-            values[name] = feeds[name]
+        layer, index = graph.last_writer[name]
+        values[name] = np.asarray(outputs[layer][index], dtype=np.float32)
     return values
 
 
