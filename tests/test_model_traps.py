@@ -44,15 +44,20 @@ def test_caffe_pool_reference_matches_real_caffe(shared_reference):
 def test_pool_ceil_rounding_matches_caffe():
     floor_sizes = {n: (n + 2 - 3) // 2 + 1 for n in range(1, 40)}
     differ = [n for n in floor_sizes if caffe_pool_output_size(n, 3, 2, 1) != floor_sizes[n]]
-    assert {8, 10, 14} <= set(differ)  # even sizes: ceil gives one more output than floor
-    pool = CaffeMaxPool2d(3, 2, 1)
+    assert {8, 10, 14} <= set(differ)  # pool1 on even sizes: ceil gives one more output than floor
+    assert caffe_pool_output_size(8, 3, 2, 1) == 5 and caffe_pool_output_size(9, 3, 2, 1) == 5
+    # Caffe's clip: 5 with kernel 2, stride 2, pad 1 rounds up to 4 windows, the last starting
+    # in the padding (3*2 >= 5+1), so it is dropped (pool1's geometry never triggers this).
+    assert caffe_pool_output_size(5, 2, 2, 1) == 3 and caffe_pool_output_size(6, 2, 2, 1) == 4
     generator = torch.Generator().manual_seed(0)
-    for height, width in [(8, 10), (14, 9), (10, 14), (2, 3), (1, 1), (7, 16)]:
-        x = torch.randn(2, 3, height, width, generator=generator)
-        expected = caffe_max_pool_reference(x.numpy(), (3, 3), (2, 2), (1, 1))
-        out = pool(x).numpy()
-        assert out.shape == expected.shape, (height, width)
-        assert np.array_equal(out, expected), (height, width)
+    for kernel, stride, pad in [(3, 2, 1), (2, 2, 1), (3, 3, 1), (5, 3, 2)]:
+        pool = CaffeMaxPool2d(kernel, stride, pad)
+        for height, width in [(8, 10), (14, 9), (5, 7), (2, 3), (1, 1), (7, 16)]:
+            x = torch.randn(2, 3, height, width, generator=generator)
+            expected = caffe_max_pool_reference(x.numpy(), (kernel,) * 2, (stride,) * 2, (pad,) * 2)
+            out = pool(x).numpy()
+            assert out.shape == expected.shape, (kernel, stride, pad, height, width)
+            assert np.array_equal(out, expected), (kernel, stride, pad, height, width)
     # In the model: image 15 -> conv1 8 -> pool1 5 (floor rounding would give 4).
     model = DeepLabV2(21, TINY).eval()
     with torch.no_grad():
