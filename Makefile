@@ -80,3 +80,11 @@ caffe-blobs:
 		python2 /work/caffe_docker/export_blobs.py --prototxt "$(PROTOTXT)" --caffemodel "$(CAFFEMODEL)" \
 		--input "$(INPUT)" --out "$(REFERENCE_OUT)" $(if $(BLOBS),--blobs "$(BLOBS)") \
 		$(if $(filter gpu,$(CAFFE_DEVICE)),--gpu 0)
+
+# Reference from OpenCV 4.x dnn (the oracle CI and the demo use).
+OPENCV_REFERENCE ?= build/reference/opencv.h5
+COMPRESS ?=
+
+reference-opencv: $(SETUP)
+	$(PY) -m verify.opencv_reference --prototxt "$(PROTOTXT)" $(if $(CAFFEMODEL),--caffemodel "$(CAFFEMODEL)") \
+		--out "$(OPENCV_REFERENCE)" $(if $(IMAGE),--image "$(IMAGE)") $(if $(BLOBS),--blobs "$(BLOBS)") $(if $(COMPRESS),--compress)
