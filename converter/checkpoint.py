@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -153,8 +154,13 @@ def write_checkpoint(
         writers[LEGACY_FILE] = lambda path: torch.save(legacy_state_dict, path)
     temps: list[Path] = []
     try:
-        written = {name: _write_temp(out, name, write, temps) for name, write in writers.items()}
-        manifest["files"] = {name: sha256_file(temp) for name, temp in written.items()}
+        # Each file is hashed in a worker thread while the next one is written (hashlib releases the GIL).
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            written, hashes = {}, {}
+            for name, write in writers.items():
+                written[name] = _write_temp(out, name, write, temps)
+                hashes[name] = pool.submit(sha256_file, written[name])
+            manifest["files"] = {name: future.result() for name, future in hashes.items()}
         written[MANIFEST_FILE] = _write_temp(out, MANIFEST_FILE, lambda path: _write_json(path, manifest), temps)
         for name, temp in written.items():  # the manifest last: it vouches for the others
             os.replace(temp, out / name)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,17 +93,17 @@ def run_convert(args: argparse.Namespace) -> None:
     _require_file(caffemodel, "caffemodel")
     if prototxt is not None:
         _require_file(prototxt, "prototxt")
-    net = load_net(weights=caffemodel, prototxt=prototxt)
-    result = convert_deeplab(net, head_name=args.head, progress=not args.quiet and sys.stderr.isatty())
-    state_dict, report = _apply_surgery(
-        result.state_dict, surgery=args.surgery, num_classes=args.classes, seed=args.seed, source=caffemodel
-    )
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hash the inputs while converting
+        records = pool.submit(lambda: [None if path is None else file_record(path) for path in (caffemodel, prototxt)])
+        net = load_net(weights=caffemodel, prototxt=prototxt)
+        result = convert_deeplab(net, head_name=args.head, progress=not args.quiet and sys.stderr.isatty())
+        state_dict, report = _apply_surgery(
+            result.state_dict, surgery=args.surgery, num_classes=args.classes, seed=args.seed, source=caffemodel
+        )
+        caffemodel_record, prototxt_record = records.result()
     config, num_classes = config_from_state_dict(state_dict)
     manifest = new_manifest(
-        inputs={
-            "caffemodel": file_record(caffemodel),
-            "prototxt": None if prototxt is None else file_record(prototxt),
-        },
+        inputs={"caffemodel": caffemodel_record, "prototxt": prototxt_record},
         prototxt_text=prototxt.read_text(encoding="utf-8") if prototxt else net_definition_text(net),
         model=_model_entry(config, num_classes, result.bn_eps),
         surgery=None if report is None else report.as_dict(),

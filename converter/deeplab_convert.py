@@ -30,7 +30,7 @@ from converter.deeplab_names import (
 )
 from converter.errors import CaffeError
 from converter.netdesc import Layer, Net
-from models.deeplab import CAFFE_STAGES, DeepLabV2, ResNetConfig, caffe_block_name
+from models.deeplab import CAFFE_STAGES, ASPPHead, ResNetBackbone, ResNetConfig, caffe_block_name
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,18 @@ def _check_conv_geometry(layer: Layer, module: torch.nn.Conv2d, key: str, path: 
         )
 
 
+def _shape_model(config: ResNetConfig, num_classes: int) -> torch.nn.Module:
+    """DeepLabV2's modules for their keys, shapes and conv geometry, without memory for the backbone.
+
+    The backbone is built on the meta device; the head is built on the CPU (a few MB) because
+    its gaussian init on meta tensors makes torch import torch._dynamo, which costs seconds.
+    Same submodule names as DeepLabV2 (tests pin the key set against DeepLabV2 itself).
+    """
+    with torch.device("meta"):
+        backbone = ResNetBackbone(config, DEFAULT_BN_EPS)
+    return torch.nn.ModuleDict({"backbone": backbone, "aspp": ASPPHead(config.out_channels, num_classes)})
+
+
 def _fit(blob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
     """`blob` in `shape`: as is, or a legacy 4-D blob (1,1,..,C) viewed in its real shape; None if neither."""
     if blob.shape == shape:
@@ -208,8 +220,7 @@ def convert_deeplab(
         raise CaffeError(
             f"head has {head_classes} classes, expected {num_classes}", path=net.path, layer=head_layer_names(head_name)[0]
         )
-    with torch.device("meta"):  # the model's keys, shapes and conv geometry, without memory for weights
-        model = DeepLabV2(num_classes=head_classes, config=config)
+    model = _shape_model(config, head_classes)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     mapped_keys = {row.key for row in rows if row.key is not None}
     if mapped_keys != expected.keys():
