@@ -51,6 +51,32 @@ convert: $(SETUP)
 	$(PY) -m converter convert --caffemodel "$(CAFFEMODEL)" $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
 		--out "$(OUT)" --surgery $(SURGERY) --classes $(CLASSES)
 
+# The whole pipeline on synthetic DeepLab-v2 caffemodels in the real Caffe format
+# (full ResNet-101 size by default; DEMO_CONFIG=tiny for a quick run). Each stage must pass.
+demo: $(SETUP)
+	@echo "== demo 1/3: synthetic DeepLab-v2 caffemodels ($(DEMO_CONFIG))"
+	$(PY) -m converter.synthetic --kind msc_test --config $(DEMO_CONFIG) --seed 0 --out $(DEMO)/caffe
+	$(PY) -m converter.synthetic --kind init --config $(DEMO_CONFIG) --seed 0 --out $(DEMO)/caffe
+	@echo "== demo 2/3: convert train_iter_20000 (VOC, 21 classes) and init (COCO head -> surgery)"
+	$(PY) -m converter convert --caffemodel $(DEMO)/caffe/train_iter_20000.caffemodel \
+		--prototxt $(DEMO)/caffe/test.prototxt --out $(DEMO)/voc12
+	$(PY) -m converter convert --caffemodel $(DEMO)/caffe/init.caffemodel --out $(DEMO)/init --surgery auto --classes 21
+	@echo "== demo 3/3: verify parity against the OpenCV oracle"
+	$(PY) -m verify --checkpoint $(DEMO)/voc12
+	$(PY) -m verify --checkpoint $(DEMO)/init
+	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders"
+
+verify-parity: $(SETUP)
+	$(PY) -m verify --checkpoint "$(CHECKPOINT)" $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
+		$(if $(filter command line environment,$(origin CAFFEMODEL)),--caffemodel "$(CAFFEMODEL)") \
+		$(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(IMAGE),--image "$(IMAGE)") --device $(DEVICE)
+
+bench-convert: $(SETUP)
+	$(PY) -m benchmarks.bench_convert --config resnet101 --workdir build/bench
+
+bench-verify: $(SETUP)
+	$(PY) -m benchmarks.bench_verify --config resnet101
+
 test: $(SETUP)
 	$(PY) -m pytest -q
 
