@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
@@ -264,11 +265,10 @@ def iter_hdf5_weights(path: PathLike) -> Iterator[tuple[str, tuple[np.ndarray, .
     writes them) becomes a float32 copy-on-write memory map of its own bytes, loaded on first
     touch and unmapped when the caller drops it; other layouts (chunked, compressed, float64,
     big-endian) are read one dataset at a time. The layout is checked before anything is
-    yielded; NaN/inf is checked per layer through a temporary mapping, so yielded arrays
-    are untouched.
+    yielded; NaN/inf is checked blob by blob through a temporary mapping, so yielded arrays
+    are untouched. Caffe's Net::ToHDF5 skips parameters a layer shares with an earlier one,
+    so such layers come out with no blobs.
     """
-    import h5py
-
     p = _input_file(path)
     try:
         h5 = h5py.File(p, "r")
@@ -298,8 +298,6 @@ def read_hdf5_weights(path: PathLike) -> Net:
 
 def _hdf5_layout(h5: Any, path: Path) -> list[tuple[str, list[Any]]]:
     """[(layer name, datasets in blob order)] after checking the `/data/<layer>/<i>` layout."""
-    import h5py
-
     data = h5.get("data")
     if not isinstance(data, h5py.Group):
         raise CaffeError("not Caffe HDF5 weights: no /data group", path=path)

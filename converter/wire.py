@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import h5py
 import numpy as np
 
 from converter.errors import CaffeError
@@ -126,7 +127,7 @@ def _key(number: int, wire: int) -> bytes:
     return _encode_varint(number << 3 | wire)
 
 
-def _int32(value: int) -> int:
+def _signed64(value: int) -> int:
     """A varint read as a signed 64-bit value (int32 negatives are sign-extended on the wire)."""
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -185,6 +186,7 @@ def _name_of_partial_layer(view: memoryview, pos: int, end: int) -> str | None:
 def _scan_layer(
     view: memoryview, buffer: Any, start: int, end: int, version: int, path: Any, index: int
 ) -> RawLayer:
+    """Split one layer into its non-blob fields (BVLC aliases renumbered) and its decoded blobs."""
     name_field, blob_field = _LAYER_NAME[version], _LAYER_BLOBS[version]
     fields: list[tuple[int, int, int, int, int]] = []
     blob_spans: list[tuple[int, int]] = []
@@ -236,7 +238,7 @@ def decode_blob(
         while pos < end:
             number, wire, value, after = _next_field(view, pos, end)
             if number in _BLOB_LEGACY and wire == VARINT:
-                legacy[number] = _int32(_varint(view, value, after)[0])
+                legacy[number] = _signed64(_varint(view, value, after)[0])
             elif number == _BLOB_SHAPE and wire == LENGTH:
                 dims = (dims or []) + _shape_dims(view, value, after)
             elif number == _BLOB_DATA and wire == LENGTH:
@@ -281,9 +283,9 @@ def _shape_dims(view: memoryview, start: int, end: int) -> list[int]:
         if number == 1 and wire == LENGTH:
             while value < after:
                 dim, value = _varint(view, value, after)
-                dims.append(_int32(dim))
+                dims.append(_signed64(dim))
         elif number == 1 and wire == VARINT:
-            dims.append(_int32(_varint(view, value, after)[0]))
+            dims.append(_signed64(_varint(view, value, after)[0]))
         pos = after
     return dims
 
@@ -439,8 +441,6 @@ def write_hdf5_weights(
     `blobs` may be a mapping or an iterable of (layer name, arrays) pairs; each dataset is
     written as it comes, so a lazy iterable writes a file larger than memory.
     """
-    import h5py
-
     items = blobs.items() if isinstance(blobs, Mapping) else blobs
 
     def write(tmp: Path) -> None:
