@@ -13,7 +13,7 @@ from converter.errors import CaffeError
 from converter.reader import load_net, parse_prototxt_text, read_caffemodel, read_prototxt
 from converter.schema import caffe_pb
 from converter.wire import write_caffemodel
-from tests.conftest import SHARED_REFERENCE
+from conftest import SHARED_REFERENCE
 
 CAFFEMODELS = sorted(SHARED_REFERENCE.glob("caffe_models/*/*.caffemodel")) + sorted(
     SHARED_REFERENCE.glob("caffe_layers_opencv/*.caffemodel")
