@@ -112,7 +112,8 @@ def run_convert(args: argparse.Namespace) -> None:
     legacy = to_legacy(state_dict) if args.export_legacy else None
     paths = write_checkpoint(args.out, state_dict, manifest, legacy_state_dict=legacy)
     cov = result.coverage
-    print(f"read {caffemodel}: {cov.layers_read} layers ({cov.layers_with_blobs} with weights)")
+    source = f"{caffemodel} with {prototxt}" if prototxt else str(caffemodel)
+    print(f"read {source}: {cov.layers_read} layers ({cov.layers_with_blobs} with weights)")
     print(
         f"converted: {cov.blobs_consumed} blobs -> {cov.keys_filled} keys, head {result.head_name} "
         f"({result.num_classes} classes), blocks {list(config.blocks)}, bn eps {result.bn_eps:g}"

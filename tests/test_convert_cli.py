@@ -69,6 +69,21 @@ def test_convert_records_the_eps_of_the_prototxt_in_use(release, tmp_path: Path,
     assert {m.eps for m in model.modules() if hasattr(m, "running_var")} == {1e-3}
 
 
+def test_hdf5_weights_convert_like_the_binary_caffemodel(release, tmp_path: Path, capsys) -> None:
+    from converter.reader import read_caffemodel
+    from converter.wire import write_hdf5_weights
+
+    net = read_caffemodel(release["caffemodel"])
+    h5 = tmp_path / "train_iter_20000.caffemodel.h5"
+    write_hdf5_weights(h5, {layer.name: layer.blobs for layer in net.layers if layer.blobs})
+    code, _, stderr = _convert(capsys, "--caffemodel", h5, "--prototxt", release["prototxt"], "--out", tmp_path / "h5")
+    assert code == 0, stderr
+    assert _convert(capsys, "--caffemodel", release["caffemodel"], "--out", tmp_path / "bin")[0] == 0
+    from_h5, _ = read_checkpoint(tmp_path / "h5")
+    from_binary, _ = read_checkpoint(tmp_path / "bin")
+    assert all(torch.equal(from_h5[k], from_binary[k]) for k in from_binary)
+
+
 def test_convert_init_replaces_the_coco_head_and_reports_it(release, tmp_path: Path, capsys) -> None:
     code, stdout, stderr = _convert(capsys, "--caffemodel", release["init"], "--out", tmp_path, "--seed", "4")
     assert code == 0, stderr
@@ -172,3 +187,14 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_full_size_msc_caffemodel_converts_with_the_release_prototxt(shared_reference: Path, tmp_path: Path, capsys) -> None:
+    files = write_synthetic_deeplab(tmp_path / "src", "msc_test", ResNetConfig.resnet101(), seed=0)
+    prototxt = shared_reference / "deeplab_v2" / "voc12_resnet101_msc_test_seed_513.prototxt"
+    code, stdout, stderr = _convert(capsys, "--caffemodel", files.caffemodel, "--prototxt", prototxt, "--out", tmp_path / "o")
+    assert code == 0, stderr
+    assert "632 blobs -> 528 keys" in stdout and "632 layers (1264 blobs)" in stdout
+    model, _ = load_model(tmp_path / "o")
+    assert sum(p.numel() for p in model.parameters()) > 42_000_000
