@@ -1,0 +1,117 @@
+"""End-to-end noise budget and teacher forcing against the OpenCV reference of a tiny synthetic net."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from converter.deeplab_names import name_map
+from verify.activations import read_activations, write_activations
+from verify.budget import ErrorStats, Tolerance, error_stats
+from verify.compare import ModelSpec
+from verify_case import TinyCase, tiny_case
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> TinyCase:
+    return tiny_case(tmp_path_factory)
+
+
+def test_honest_conversion_passes_both_checks(case: TinyCase) -> None:
+    result = case.verify()
+    assert result.passed, result.first_diverging
+    assert result.first_diverging is None
+    rows = {row.name: row for row in result.rows}
+    with read_activations(case.reference) as ref:
+        assert [row.name for row in result.rows] == [n for n in ref.order if n in rows]
+    # every mapped blob of the MSC test net is compared, fc1_interp included (computed from fc_fusion)
+    assert {"conv1", "pool1", "res5b", "fc1_voc12", "fc_fusion", "fc1_interp", "res5b_res075", "data_res05"} <= set(rows)
+    assert not result.not_in_reference
+    forced = {name for name, row in rows.items() if row.teacher is not None}
+    assert {"conv1", "pool1", "res2a_branch1", "res4b1_branch2b", "res5b", "fc1_voc12_c3", "fc1_voc12",
+            "data_res075", "fc1_voc12_res05_interp", "fc_fusion", "fc1_interp", "conv1_res075", "res2a_res05"} <= forced
+    assert "res3a_res075" not in forced  # other towers: stem, first block and head only
+    assert max(row.worst_ratio for row in result.rows) < 0.5
+
+
+def _bn_stat_keys_and_layers(case: TinyCase) -> list[tuple[str, str]]:
+    return [(row.key, row.layer) for row in name_map(case.spec.config) if row.kind in ("bn_mean", "bn_var")]
+
+
+def test_ignored_bn_factor_fails_at_conv1(case: TinyCase) -> None:
+    assert case.bn_factors["bn_conv1"] != 1.0
+    broken = dict(case.state_dict)
+    for key, layer in _bn_stat_keys_and_layers(case):
+        broken[key] = broken[key] * case.bn_factors[layer]  # statistics left multiplied by Caffe's factor
+    result = case.verify(broken)
+    assert not result.passed
+    first = result.first_diverging
+    assert first.name == "conv1"
+    assert first.end_to_end_ratio > 100 and first.teacher_ratio > 100
+
+
+def test_wrong_bn_eps_fails_at_the_near_eps_blob(case: TinyCase) -> None:
+    # eps 2e-5 instead of 1e-5 changes a unit-variance channel by ~5e-6 only; bn_conv1's near-eps
+    # channels (variance ~1e-6..3e-5) change by tens of percent, so conv1 fails by far.
+    wrong = ModelSpec(case.spec.config, case.spec.num_classes, 2e-5)
+    result = case.verify(spec=wrong)
+    first = result.first_diverging
+    assert first is not None and first.name == "conv1"
+    assert first.end_to_end_ratio > 100
+
+
+def test_teacher_forcing_pins_first_diverging_block(case: TinyCase) -> None:
+    # A 2e-5 relative change of one 3x3 conv (res4b1_branch2b) hardly shows end to end
+    # downstream, where the fp32 noise has grown; fed the reference's res4b1_branch2a it shows.
+    broken = dict(case.state_dict)
+    broken["backbone.layer3.1.conv2.weight"] = broken["backbone.layer3.1.conv2.weight"] * (1 + 2e-5)
+    result = case.verify(broken)
+    first = result.first_diverging
+    assert first.name == "res4b1_branch2b"
+    assert first.teacher_inputs == ("res4b1_branch2a",) and first.teacher_ratio > 1.0
+    rows = {row.name: row for row in result.rows}
+    assert rows["res4b1"].teacher_ratio < 1.0  # the block's sum and ReLU, fed reference inputs, are fine
+
+
+def test_backbone_scope_skips_head_blobs(case: TinyCase) -> None:
+    broken = dict(case.state_dict)
+    broken["aspp.branches.0.bias"] = broken["aspp.branches.0.bias"] + 1.0  # a different (new) head
+    assert not case.verify(broken).passed
+    result = case.verify(broken, scope="backbone")
+    assert result.passed and result.scope == "backbone"
+    skipped = {row.name for row in result.rows if row.status == "skipped"}
+    assert {"fc1_voc12_c0", "fc1_voc12", "fc1_voc12_res05_interp", "fc_fusion", "fc1_interp"} <= skipped
+    assert "res5b" not in skipped and "data_res075" not in skipped
+
+
+def test_stage_subset_reference_forces_only_steps_whose_inputs_it_holds(case: TinyCase, tmp_path) -> None:
+    keep = ["conv1", "pool1", "res2b", "res3a", "res5b", "fc1_voc12_c0", "fc1_voc12_c1", "fc1_voc12_c2",
+            "fc1_voc12_c3", "fc1_voc12"]
+    with read_activations(case.reference) as ref:
+        subset = write_activations(tmp_path / "subset.h5", producer=ref.producer, prototxt=ref.prototxt,
+                                   inputs=ref.inputs, blobs={n: ref.get(n) for n in keep})
+    result = case.verify(reference=subset)
+    assert result.passed
+    rows = {row.name: row for row in result.rows}
+    assert rows["res3a"].teacher_inputs == ("res2b",)  # whole block: its branch blobs are absent
+    assert rows["fc1_voc12"].teacher_inputs == tuple(f"fc1_voc12_c{k}" for k in range(4))
+    assert rows["res2b"].teacher is None and rows["res5b"].teacher is None
+    assert "res2a" in result.not_in_reference
+    # no multi-scale blob in the file: the single-scale model runs, so no tower blob is "missing"
+    assert not [n for n in result.not_in_reference if n.endswith(("_res075", "_res05")) or n == "fc_fusion"]
+
+
+def test_error_stats_are_exact_in_float64() -> None:
+    expected = torch.tensor([1.0, -4.0, 2.0])
+    actual = torch.tensor([1.0, -4.0, 2.0 + 2**-20])
+    stats = error_stats(actual, expected)
+    assert stats.max_abs == 2**-20 and stats.scale == 4.0
+    assert math.isclose(stats.mean_abs, 2**-20 / 3)
+
+
+def test_nan_in_a_blob_fails_any_tolerance() -> None:
+    stats = error_stats(torch.tensor([math.nan, 1.0]), torch.tensor([0.0, 1.0]))
+    assert Tolerance(1.0, 1.0).ratio(stats) == math.inf
+    assert Tolerance(1e-6, 1e-6).ratio(ErrorStats(0.0, 0.0, 0.0)) == 0.0

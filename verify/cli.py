@@ -1,0 +1,139 @@
+"""Command line: `python -m verify --checkpoint DIR [--reference REF.h5 | --prototxt P --caffemodel W] ...`.
+
+Verifies a converted checkpoint against a reference-activations file, writes report.md,
+report.json and errors.png, and records the verdict in the checkpoint's manifest. Without
+--reference it first produces the OpenCV reference (from --prototxt/--caffemodel, by default
+the files the checkpoint was converted from) into the report folder. Exit codes: 0 parity
+holds, 1 parity fails, 2 bad input (one line `error: ...` on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from converter.checkpoint import read_checkpoint, sha256_file
+from converter.deeplab_names import config_from_state_dict
+from converter.errors import CaffeError
+from converter.reader import read_prototxt
+from models.deeplab import ResNetConfig
+from verify.activations import read_activations
+from verify.compare import ModelSpec, verify_state_dict
+from verify.opencv_reference import default_feed, produce_opencv_reference
+from verify.report import summary_line, write_report
+from verify.verdict import parity_record, record_parity
+
+log = logging.getLogger(__name__)
+
+EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+REPORT_SUBDIR = "parity"
+REFERENCE_FILE = "reference_opencv.h5"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m verify", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder written by the converter")
+    parser.add_argument("--reference", type=Path,
+                        help="reference-activations HDF5 to verify against (its own /inputs are fed)")
+    parser.add_argument("--prototxt", type=Path, help="net to run in OpenCV when no --reference is given "
+                        "(default: the checkpoint's source prototxt)")
+    parser.add_argument("--caffemodel", type=Path, help="weights for OpenCV (default: the checkpoint's source)")
+    parser.add_argument("--image", type=Path, help="picture to feed the OpenCV reference (default: the "
+                        "deterministic synthetic image at the net's input size)")
+    parser.add_argument("--device", default="cpu", help="where PyTorch runs: cpu or cuda (default cpu)")
+    parser.add_argument("--report-dir", type=Path, help=f"report folder (default: <checkpoint>/{REPORT_SUBDIR})")
+    parser.add_argument("--blobs", nargs="+", help="compare only these reference blobs (names, or comma lists)")
+    parser.add_argument("--no-drift", action="store_true", help="on CUDA, skip the TF32/bf16 drift information")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify, report, record; returns the exit code (CaffeError propagates for bad input)."""
+    started = time.perf_counter()
+    checkpoint_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    state_dict, manifest = read_checkpoint(args.checkpoint)
+    spec = _model_spec(manifest, state_dict)
+    scope = "backbone" if _head_replaced(manifest) else "full"
+    report_dir = args.report_dir or checkpoint_dir / REPORT_SUBDIR
+    if args.reference is not None:
+        if args.image or args.prototxt or args.caffemodel:
+            raise CaffeError("--reference brings its own input and net; drop --image/--prototxt/--caffemodel")
+        reference_path = args.reference
+    else:
+        reference_path = _produce_reference(args, manifest, checkpoint_dir, report_dir)
+    blobs = None if not args.blobs else [n for item in args.blobs for n in item.split(",") if n]
+    with read_activations(reference_path) as reference:
+        result = verify_state_dict(
+            state_dict, spec, reference, source=str(args.checkpoint), device=args.device, blobs=blobs,
+            scope=scope, drift=False if args.no_drift else None,
+        )
+    files = write_report(result, report_dir)
+    record_parity(checkpoint_dir, parity_record(result, sha256_file(reference_path)))
+    print(summary_line(result))
+    for name, seconds in result.timings.items():
+        print(f"  {name}: {seconds:.2f} s")
+    print(f"report: {files.markdown} ({files.json.name}, {files.plot.name}); verdict recorded in "
+          f"{checkpoint_dir / 'manifest.json'}; {time.perf_counter() - started:.1f} s in all")
+    return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+def _model_spec(manifest: dict[str, Any], state_dict: dict[str, Any]) -> ModelSpec:
+    """The model the checkpoint was made for: from the manifest, else from the state dict's shapes."""
+    model = manifest.get("model") or {}
+    if "config" in model and "num_classes" in model:
+        config = ResNetConfig(**model["config"])
+        num_classes = int(model["num_classes"])
+    else:
+        config, num_classes = config_from_state_dict(state_dict)
+    return ModelSpec(config, num_classes, float(model.get("bn_eps", 1e-5)))
+
+
+def _head_replaced(manifest: dict[str, Any]) -> bool:
+    surgery = manifest.get("surgery")
+    return bool(surgery) and not surgery.get("kept", False)
+
+
+def _produce_reference(args: argparse.Namespace, manifest: dict[str, Any], checkpoint_dir: Path, report_dir: Path) -> Path:
+    """Run the OpenCV oracle on the checkpoint's (or the given) Caffe files into the report folder."""
+    inputs = manifest.get("inputs") or {}
+    caffemodel = args.caffemodel or _recorded_path(inputs.get("caffemodel"))
+    prototxt = args.prototxt or _recorded_path(inputs.get("prototxt"))
+    if caffemodel is None:
+        raise CaffeError("no --reference, and the manifest names no source caffemodel: give --caffemodel",
+                         path=checkpoint_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if prototxt is None:
+        text = manifest.get("prototxt_text")
+        if not text:
+            raise CaffeError("no --prototxt, and the manifest holds no net definition", path=checkpoint_dir)
+        prototxt = report_dir / "net.prototxt"
+        prototxt.write_text(text, encoding="utf-8")
+    for path, what in ((caffemodel, "caffemodel"), (prototxt, "prototxt")):
+        if not path.is_file():
+            raise CaffeError(f"{what} does not exist (needed to produce the OpenCV reference)", path=path)
+    feeds = default_feed(read_prototxt(prototxt), args.image)
+    out = report_dir / REFERENCE_FILE
+    print(f"producing the OpenCV reference from {prototxt} + {caffemodel} -> {out}")
+    return produce_opencv_reference(prototxt, caffemodel, feeds, out)
+
+
+def _recorded_path(record: dict[str, Any] | None) -> Path | None:
+    return None if not record else Path(record["path"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 pass, 1 parity failure, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except CaffeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+

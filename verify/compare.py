@@ -1,0 +1,352 @@
+"""Verify a converted DeepLab-v2 state dict against a reference-activations file, blob by blob.
+
+Two checks, both must pass (docs/parity.md gives the measurements behind the constants):
+
+1. End to end. The model runs once in float32 on the reference's input and every mapped
+   blob is compared with the reference. fp32 rounding compounds through 100+ layers: on
+   the full-size net two honest fp32 implementations agree to ~1e-6 of scale at conv1 but
+   only to ~1e-4 at res5c, so no single tolerance fits every depth. The budget of each
+   blob is therefore derived from the model itself: the model runs again in float64 (same
+   weights, same input: the exact value of this net) and the blob's own float32 noise,
+   max and mean |x32 - x64|, times BUDGET_FACTOR is what the reference may differ by.
+   The reference, another fp32 implementation, is about as far from exact as PyTorch
+   fp32 is, so an honest pair differs by at most ~2x the noise (two independent errors,
+   plus different accumulation orders); the factor leaves room for that and for
+   OpenCV's and Caffe's less careful summation, while a mistake the size of a BatchNorm
+   eps on a near-eps channel is orders of magnitude larger. A floor of FLOOR_ULPS float32
+   ulps of the scale covers blobs computed exactly (pooling, max fusion).
+2. Teacher forcing. Each mapped step (stem, pool1, every branch or block of the full
+   tower, the ASPP branches and sum, Interp and fusion steps, stem/first block/head of the
+   other towers) runs alone in float32 on the reference's own input blobs and is compared
+   with the reference's output at TEACHER_TOLERANCE. A single step's fp32 noise is tiny
+   and does not compound, so this tolerance is tight, and the first failing step names
+   the layer where the conversion goes wrong even when the end-to-end errors downstream
+   are all large.
+
+Scale of a blob = its largest exact magnitude; errors are reported relative to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from converter.errors import CaffeError
+from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig, caffe_blocks
+from verify.activations import ActivationsFile
+from verify.budget import ErrorStats, NoiseBudget, Tolerance, error_stats
+from verify.capture import BlobMap, blob_map, capture_blobs
+from verify.result import FAIL, PASS, SKIPPED, BlobRow, Scheme, VerificationResult
+from verify.teacher import ForcedStep, forced_steps
+
+log = logging.getLogger(__name__)
+
+BUDGET_FACTOR = 10.0
+FLOOR_ULPS = 4.0
+TEACHER_TOLERANCE = Tolerance(max_rel=1e-5, mean_rel=1e-6)
+INPUT_BLOB = "data"
+SCHEME = Scheme(
+    budget_factor=BUDGET_FACTOR,
+    floor_ulps=FLOOR_ULPS,
+    teacher=TEACHER_TOLERANCE,
+    description=(
+        "End to end, each blob may differ from the reference by "
+        f"{BUDGET_FACTOR:g} x its own PyTorch float32-vs-float64 error (max abs and mean abs, each), "
+        f"at least {FLOOR_ULPS:g} float32 ulps of its scale; teacher-forced, each step fed the "
+        f"reference's inputs may differ by {TEACHER_TOLERANCE.max_rel:.0e} (max abs) and "
+        f"{TEACHER_TOLERANCE.mean_rel:.0e} (mean abs) of its scale. Both must hold."
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the checkpoint's state dict was made for."""
+
+    config: ResNetConfig
+    num_classes: int
+    bn_eps: float
+
+
+def load_model(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec, *, multi_scale: bool, source: str) -> nn.Module:
+    """The DeepLab-v2 model (multi-scale or single) with the state dict loaded; CaffeError naming every misfit."""
+    model: nn.Module
+    if multi_scale:
+        model = DeepLabV2MSC(spec.num_classes, spec.config, spec.bn_eps, align="strict")
+    else:
+        model = DeepLabV2(spec.num_classes, spec.config, spec.bn_eps)
+    expected = model.state_dict()
+    problems = []
+    missing = [key for key in expected if key not in state_dict]  # in model order: the first is telling
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    wrong = [
+        f"{key} {tuple(state_dict[key].shape)} != model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
+    ]
+    if wrong:
+        problems.append(f"shape mismatches {_few(wrong)}")
+    if problems:
+        blocks = list(spec.config.blocks)
+        raise CaffeError(
+            f"checkpoint does not fit the model (blocks {blocks}, {spec.num_classes} classes): " + "; ".join(problems),
+            path=source,
+        )
+    model.load_state_dict(dict(state_dict), strict=True)
+    return model.eval()
+
+
+def verify_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: ModelSpec,
+    reference: ActivationsFile,
+    *,
+    source: str,
+    device: str = "cpu",
+    blobs: Sequence[str] | None = None,
+    scope: str = "full",
+    drift: bool | None = None,
+) -> VerificationResult:
+    """Verify the state dict against the reference file (both checks); see the module docstring.
+
+    `blobs` restricts the comparison to those reference blobs; `scope` "backbone" skips the head's
+    blobs (a checkpoint whose head was replaced by surgery); `drift` (default: on for CUDA) adds the
+    information-only TF32 and bf16-autocast errors of a few stage blobs.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    torch_device = _device(device)
+    names = _requested(reference, blobs)
+    mapping = blob_map(spec.config, reference.order, reference.prototxt)
+    mapped = [n for n in names if n in mapping]
+    not_mapped = tuple(n for n in names if n not in mapping)
+    wanted = set(names) if blobs is not None else None
+    not_in_reference = tuple(
+        n for n in [*mapping.taps, *mapping.tails] if n not in reference and (wanted is None or n in wanted)
+    )
+    skipped = {n for n in mapped if scope == "backbone" and mapping.is_head(n)}
+    compared = [n for n in mapped if n not in skipped]
+    if not compared:
+        raise CaffeError(
+            "the reference holds none of the blobs the PyTorch model maps"
+            + (f" (it holds {_few(list(names))})" if names else ""),
+            path=reference.path,
+        )
+    data = _input(reference)
+    model = load_model(state_dict, spec, multi_scale=mapping.multi_scale, source=source).to(torch_device)
+    timings["load"] = time.perf_counter() - clock
+
+    with _exact_float32(torch_device):
+        clock = time.perf_counter()
+        value32 = _capture(model, data.to(torch_device), mapping, compared, reference)
+        timings["float32 forward"] = time.perf_counter() - clock
+        _check_shapes(value32, reference)
+
+        clock = time.perf_counter()
+        noise = _float64_noise(model, data.to(torch_device), mapping, compared, value32)
+        timings["float64 forward"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        end_to_end = {}
+        for name in compared:
+            ref = _blob(reference, name, torch_device)
+            end_to_end[name] = error_stats(value32.pop(name), ref, scale=noise[name].scale)
+        timings["compare"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        available = set(reference.order) | set(reference.inputs)
+        steps = [s for s in forced_steps(model, spec.config, mapping, available) if s.output in end_to_end]
+        teacher = {step.output: (step, _teacher_forced(step, reference, torch_device)) for step in steps}
+        timings["teacher forcing"] = time.perf_counter() - clock
+
+    rows = []
+    for name in names:
+        shape = reference.shape(name)
+        if name in skipped:
+            rows.append(BlobRow(name, shape, SKIPPED, note="head replaced by surgery"))
+        elif name in end_to_end:
+            rows.append(_row(name, shape, end_to_end[name], noise[name], teacher.get(name)))
+    drift_info: dict[str, dict[str, float]] = {}
+    if drift if drift is not None else torch_device.type == "cuda":
+        clock = time.perf_counter()
+        drift_info = _drift(model, data.to(torch_device), mapping, spec.config, compared, reference)
+        timings["drift (information)"] = time.perf_counter() - clock
+    verdict = FAIL if any(row.failed for row in rows) else PASS
+    log.info("verification %s: %d blobs, %d teacher-forced", verdict, len(end_to_end), len(teacher))
+    return VerificationResult(
+        verdict=verdict,
+        rows=tuple(rows),
+        scheme=SCHEME,
+        producer=reference.producer,
+        reference_path=str(reference.path),
+        device=_device_name(torch_device),
+        dtype="float32 (TF32 off)" if torch_device.type == "cuda" else "float32",
+        scope=scope,
+        not_in_reference=not_in_reference,
+        not_mapped=not_mapped,
+        drift=drift_info,
+        timings=timings,
+    )
+
+
+def _row(
+    name: str, shape: tuple[int, ...], e2e: ErrorStats, noise: ErrorStats, forced: tuple[ForcedStep, ErrorStats] | None
+) -> BlobRow:
+    budget = NoiseBudget(noise, BUDGET_FACTOR, FLOOR_ULPS).tolerance
+    e2e_ratio = budget.ratio(e2e)
+    teacher_stats = None if forced is None else forced[1]
+    teacher_ratio = None if teacher_stats is None else TEACHER_TOLERANCE.ratio(teacher_stats)
+    failed = e2e_ratio > 1.0 or (teacher_ratio is not None and teacher_ratio > 1.0)
+    return BlobRow(
+        name=name,
+        shape=shape,
+        status=FAIL if failed else PASS,
+        end_to_end=e2e,
+        noise=noise,
+        budget=budget,
+        end_to_end_ratio=e2e_ratio,
+        teacher=teacher_stats,
+        teacher_inputs=() if forced is None else forced[0].inputs,
+        teacher_ratio=teacher_ratio,
+        note="" if forced is None else forced[0].what,
+    )
+
+
+def _requested(reference: ActivationsFile, blobs: Sequence[str] | None) -> list[str]:
+    if blobs is None:
+        return list(reference.order)
+    absent = [n for n in blobs if n not in reference]
+    if absent:
+        raise CaffeError(f"blobs asked for are not in the reference: {_few(absent)}", path=reference.path)
+    wanted = set(blobs)
+    return [n for n in reference.order if n in wanted]
+
+
+def _input(reference: ActivationsFile) -> torch.Tensor:
+    if INPUT_BLOB not in reference.inputs:
+        raise CaffeError(
+            f"the reference has no input '{INPUT_BLOB}' (inputs: {', '.join(reference.inputs) or 'none'})",
+            path=reference.path,
+        )
+    data = reference.inputs[INPUT_BLOB]
+    if data.ndim != 4 or data.shape[1] != 3:
+        raise CaffeError(f"input '{INPUT_BLOB}' has shape {data.shape}, expected N,3,H,W", path=reference.path)
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
+def _capture(
+    model: nn.Module, data: torch.Tensor, mapping: BlobMap, names: Sequence[str], reference: ActivationsFile
+) -> dict[str, torch.Tensor]:
+    try:
+        return capture_blobs(model, data, mapping, names)
+    except ValueError as error:  # the multi-scale fusion cannot align this input size (as in Caffe)
+        raise CaffeError(f"input '{INPUT_BLOB}' {tuple(data.shape)}: {error}", path=reference.path) from None
+
+
+def _check_shapes(values: Mapping[str, torch.Tensor], reference: ActivationsFile) -> None:
+    wrong = [
+        f"'{name}' reference {reference.shape(name)} != PyTorch {tuple(value.shape)}"
+        for name, value in values.items()
+        if reference.shape(name) != tuple(value.shape)
+    ]
+    if wrong:
+        raise CaffeError(f"blob shapes differ: {_few(wrong)}", path=reference.path)
+
+
+def _float64_noise(
+    model: nn.Module, data: torch.Tensor, mapping: BlobMap, names: Sequence[str], value32: Mapping[str, torch.Tensor]
+) -> dict[str, ErrorStats]:
+    """Each blob's float32 rounding noise: |x32 - x64| with the model and input in float64, reduced in the hook."""
+    model64 = copy.deepcopy(model).to(torch.float64)
+    noise: dict[str, ErrorStats] = {}
+
+    def reduce(name: str, exact: torch.Tensor) -> None:
+        noise[name] = error_stats(value32[name], exact)
+
+    capture_blobs(model64, data.to(torch.float64), mapping, names, on_blob=reduce)
+    return noise
+
+
+def _teacher_forced(step: ForcedStep, reference: ActivationsFile, device: torch.device) -> ErrorStats:
+    with torch.no_grad():
+        inputs = [_blob(reference, name, device) for name in step.inputs]
+        return error_stats(step.run(*inputs), _blob(reference, step.output, device))
+
+
+def _blob(reference: ActivationsFile, name: str, device: torch.device) -> torch.Tensor:
+    value = reference.get(name) if name in reference else reference.inputs[name]
+    return torch.from_numpy(np.ascontiguousarray(value)).to(device)
+
+
+def _drift(
+    model: nn.Module,
+    data: torch.Tensor,
+    mapping: BlobMap,
+    config: ResNetConfig,
+    compared: Sequence[str],
+    reference: ActivationsFile,
+) -> dict[str, dict[str, float]]:
+    """Max abs error / scale vs the reference of a few stage blobs with TF32 on and with bf16 autocast."""
+    stage_ends = {block[0]: block for _, block in caffe_blocks(config)}  # the last block of each stage
+    stages = {"conv1", "pool1", mapping.head_name, "fc_fusion", "fc1_interp"}
+    stages.update(f"res{block}" for block in stage_ends.values())
+    names = [n for n in compared if n in stages]
+    modes = {
+        "tf32": lambda: _tf32(True),
+        "bf16 autocast": lambda: torch.autocast(device_type=data.device.type, dtype=torch.bfloat16),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for mode, context in modes.items():
+        with _exact_float32(data.device), context():
+            values = capture_blobs(model, data, mapping, names)
+        out[mode] = {n: error_stats(values[n], _blob(reference, n, data.device)).max_rel for n in names}
+    return out
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.set_float32_matmul_precision(precision)
+
+
+def _exact_float32(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """TF32 off for the verdict on CUDA (float32 must mean float32); nothing to change on the CPU."""
+    return _tf32(False) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaffeError("--device cuda: no CUDA device is available to this PyTorch build")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def _few(items: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
