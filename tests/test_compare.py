@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from converter.deeplab_names import name_map
+from models.deeplab import DeepLabV2MSC, ResNetConfig, caffe_msc_blob_taps
 from verify.activations import read_activations, write_activations
 from verify.budget import ErrorStats, Tolerance, error_stats
-from verify.compare import ModelSpec
+from verify.capture import blob_map, capture_blobs
+from verify.compare import ModelSpec, verify_state_dict
 from verify_case import TinyCase, tiny_case
 
 
@@ -115,3 +117,30 @@ def test_nan_in_a_blob_fails_any_tolerance() -> None:
     stats = error_stats(torch.tensor([math.nan, 1.0]), torch.tensor([0.0, 1.0]))
     assert Tolerance(1.0, 1.0).ratio(stats) == math.inf
     assert Tolerance(1e-6, 1e-6).ratio(ErrorStats(0.0, 0.0, 0.0)) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_verdict_runs_without_tf32_and_reports_drift_as_information(tmp_path) -> None:
+    # The reference here is PyTorch on the CPU (this machine may have no OpenCV 4): the GPU's fp32,
+    # with TF32 off, must pass against it; TF32 and bf16 errors are reported, not judged.
+    config = ResNetConfig.tiny()
+    torch.manual_seed(0)
+    model = DeepLabV2MSC(5, config, align="strict").eval()
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_var"):
+            buffer.uniform_(0.5, 2.0)
+    data = 50 * torch.randn(1, 3, 65, 65)
+    mapping = blob_map(config, caffe_msc_blob_taps(config))
+    values = capture_blobs(model, data, mapping, list(mapping.taps))
+    reference = write_activations(tmp_path / "ref.h5", producer="pytorch cpu", prototxt="",
+                                  inputs={"data": data.numpy()}, blobs={n: v.numpy() for n, v in values.items()})
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with read_activations(reference) as ref:
+        result = verify_state_dict(model.state_dict(), ModelSpec(config, 5, 1e-5), ref, source="test", device="cuda")
+    assert result.passed, result.first_diverging
+    assert result.device.startswith("cuda (") and result.dtype == "float32 (TF32 off)"
+    assert set(result.drift) == {"tf32", "bf16 autocast"}
+    assert set(result.drift["bf16 autocast"]) == {"conv1", "pool1", "res2b", "res3b1", "res4b1", "res5b", "fc1_voc12",
+                                                  "fc_fusion"}
+    assert result.drift["bf16 autocast"]["res5b"] > 1e-4  # bf16 really ran
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags

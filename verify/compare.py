@@ -32,6 +32,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -159,17 +160,16 @@ def verify_state_dict(
         timings["float64 forward"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        end_to_end = {}
-        for name in compared:
-            ref = _blob(reference, name, torch_device)
-            end_to_end[name] = error_stats(value32.pop(name), ref, scale=noise[name].scale)
-        timings["compare"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
         available = set(reference.order) | set(reference.inputs)
-        steps = [s for s in forced_steps(model, spec.config, mapping, available) if s.output in end_to_end]
-        teacher = {step.output: (step, _teacher_forced(step, reference, torch_device)) for step in steps}
-        timings["teacher forcing"] = time.perf_counter() - clock
+        steps = {s.output: s for s in forced_steps(model, spec.config, mapping, available)}
+        blobs_read = _ReferenceBlobs(reference, torch_device)
+        end_to_end, teacher = {}, {}
+        for name in compared:  # forward order: a step's inputs were mostly read just before
+            ref = blobs_read.get(name)
+            end_to_end[name] = error_stats(value32.pop(name), ref, scale=noise[name].scale)
+            if name in steps:
+                teacher[name] = (steps[name], _teacher_forced(steps[name], blobs_read))
+        timings["compare and teacher forcing"] = time.perf_counter() - clock
 
     rows = []
     for name in names:
@@ -279,15 +279,29 @@ def _float64_noise(
     return noise
 
 
-def _teacher_forced(step: ForcedStep, reference: ActivationsFile, device: torch.device) -> ErrorStats:
+def _teacher_forced(step: ForcedStep, blobs: _ReferenceBlobs) -> ErrorStats:
     with torch.no_grad():
-        inputs = [_blob(reference, name, device) for name in step.inputs]
-        return error_stats(step.run(*inputs), _blob(reference, step.output, device))
+        return error_stats(step.run(*[blobs.get(name) for name in step.inputs]), blobs.get(step.output))
 
 
-def _blob(reference: ActivationsFile, name: str, device: torch.device) -> torch.Tensor:
-    value = reference.get(name) if name in reference else reference.inputs[name]
-    return torch.from_numpy(np.ascontiguousarray(value)).to(device)
+class _ReferenceBlobs:
+    """Reference blobs and inputs as tensors on the device, the last few kept so each is read from disk ~once."""
+
+    def __init__(self, reference: ActivationsFile, device: torch.device, keep: int = 8) -> None:
+        self.reference, self.device, self.keep = reference, device, keep
+        self.recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.recent:
+            self.recent.move_to_end(name)
+            return self.recent[name]
+        reference = self.reference
+        value = reference.get(name) if name in reference else reference.inputs[name]
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+        self.recent[name] = tensor
+        if len(self.recent) > self.keep:
+            self.recent.popitem(last=False)
+        return tensor
 
 
 def _drift(
@@ -311,7 +325,8 @@ def _drift(
     for mode, context in modes.items():
         with _exact_float32(data.device), context():
             values = capture_blobs(model, data, mapping, names)
-        out[mode] = {n: error_stats(values[n], _blob(reference, n, data.device)).max_rel for n in names}
+        blobs = _ReferenceBlobs(reference, data.device)
+        out[mode] = {n: error_stats(values[n], blobs.get(n)).max_rel for n in names}
     return out
 
 
