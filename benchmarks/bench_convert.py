@@ -4,10 +4,12 @@ Measured in one run, each method in a fresh interpreter (benchmarks/memory.py), 
 page cache warmed by one read of the file beforehand (caches are not dropped: shared machine):
   (a) the floor: read the file's bytes, sha256 them, write model.pth + model.safetensors +
       manifest.json (write_checkpoint) from a state dict already decoded before the clock;
-  (b) what other converters do: protobuf parse of the whole file, then per-element decoding of
-      each blob with `np.array(blob.data)` or `list(blob.data)`, then the rest of this project's
-      convert command unchanged (only its reader is swapped), so the outputs are the same;
+  (b) what other converters do: protobuf parse of the whole file, then each blob decoded from
+      protobuf's repeated field with (b1) `np.array(blob.data)` or (b2) `list(blob.data)`, then
+      the rest of this project's convert command unchanged (only its reader is swapped), so the
+      outputs are the same;
   (c) this project's `python -m converter convert`.
+The methods run interleaved, round after round, so load from other work hits them alike.
 Then, unless --skip-hdf5, a ~3 GiB Caffe HDF5 weights file (a wider ResNet-101, no 2 GiB cap)
 is written and read blob by blob and converted, to show memory stays bounded.
 Targets are printed as PASS/FAIL, never asserted: this is a benchmark, not a test.
@@ -248,17 +250,25 @@ def largest_blob_bytes(weights: Path) -> int:
 
 def machine_lines() -> list[str]:
     """CPU model, cores, RAM and library versions, for the record."""
-    cpu = "unknown CPU"
+    info: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    cpu = f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+    if "hypervisor" in info.get("flags", "").split():
+        cpu += ", virtual machine"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return [
         f"machine: {cpu}, {os.cpu_count()} cores, {ram / GIB:.1f} GiB RAM, {platform.system()} {platform.release()}",
         f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"protobuf {google.protobuf.__version__} ({_protobuf_backend()}), h5py {h5py.__version__}",
+        _load_line(),
     ]
+
+
+def _load_line() -> str:
+    """The 1-minute load average: other work on the machine skews every timing."""
+    return f"load average (1 min): {os.getloadavg()[0]:.2f}"
 
 
 def _protobuf_backend() -> str:
@@ -271,13 +281,24 @@ def _mib(value: float) -> str:
     return f"{value / MIB:,.0f}"
 
 
-def print_table(rows: list[tuple[str, Measurement]], floor_s: float, file_size: int) -> None:
+@dataclass(frozen=True)
+class Row:
+    """A method's runs: the fastest one (carrying the largest memory figures of all runs) and the median time."""
+
+    label: str
+    best: Measurement
+    median_s: float
+
+
+def print_table(rows: list[Row], floor_s: float, file_size: int) -> None:
     """Markdown table: wall time, peak RSS and its make-up, relative to the floor and to the file size."""
-    print("| method | wall s | x floor | peak RSS MiB | x file | heap MiB | mapped-file MiB | held at start MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, m in rows:
+    print("| method | wall s (best) | median s | x floor | peak RSS MiB | x file | heap MiB | mapped-file MiB "
+          "| held at start MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        m = row.best
         print(
-            f"| {label} | {m.wall_s:.2f} | {m.wall_s / floor_s:.2f} | {_mib(m.peak_rss)} | "
+            f"| {row.label} | {m.wall_s:.2f} | {row.median_s:.2f} | {m.wall_s / floor_s:.2f} | {_mib(m.peak_rss)} | "
             f"{m.peak_rss / file_size:.2f} | {_mib(m.peak_anon)} | {_mib(m.peak_file)} | {_mib(m.held_before)} |"
         )
 
@@ -286,16 +307,29 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _run(method: Method, repeat: int) -> Measurement:
-    """`repeat` runs, each in a fresh interpreter: the fastest wall time, the largest memory figures."""
-    runs = []
-    for _ in range(repeat):
-        shutil.rmtree(method.kwargs["out"], ignore_errors=True)
-        runs.append(measure(method.target, method.kwargs))
-    return replace(
-        min(runs, key=lambda m: m.wall_s),
-        **{field: max(getattr(m, field) for m in runs) for field in ("peak_rss", "peak_anon", "peak_file", "held_before")},
-    )
+def run_rounds(methods: list[Method], repeat: int) -> tuple[list[Row], dict[str, str]]:
+    """Each method once per round, `repeat` rounds, each run in a fresh interpreter.
+
+    Interleaving the methods makes load from other work on the machine hit them alike. Returns
+    the rows and, per method, the sha256 of the model.safetensors it wrote.
+    """
+    runs: dict[str, list[Measurement]] = {method.label: [] for method in methods}
+    digests: dict[str, str] = {}
+    for round_index in range(repeat):
+        print(f"  round {round_index + 1}/{repeat}: " + ", ".join(m.label.split(" ", 1)[0] for m in methods), flush=True)
+        for method in methods:
+            out = Path(method.kwargs["out"])
+            shutil.rmtree(out, ignore_errors=True)
+            runs[method.label].append(measure(method.target, method.kwargs))
+            digests[method.label] = _safetensors_digest(out)
+            shutil.rmtree(out)
+    rows = []
+    for label, measured in runs.items():
+        largest = {field: max(getattr(m, field) for m in measured)
+                   for field in ("peak_rss", "peak_anon", "peak_file", "held_before")}
+        best = replace(min(measured, key=lambda m: m.wall_s), **largest)
+        rows.append(Row(label, best, float(np.median([m.wall_s for m in measured]))))
+    return rows, digests
 
 
 def _safetensors_digest(out: Path) -> str:
@@ -312,21 +346,17 @@ def bench_caffemodel(workdir: Path, config_name: str, seed: int, repeat: int) ->
     methods = [
         Method("(a) floor: read + sha256 + write .pth/.safetensors/manifest", f"{_MODULE}:floor_method",
                {"caffemodel": str(caffemodel), "out": str(outputs / "floor")}),
-        Method("(b) protobuf parse + np.array(blob.data) per blob", f"{_MODULE}:protobuf_method",
+        Method("(b1) protobuf parse + np.array(blob.data) per blob", f"{_MODULE}:protobuf_method",
                {"caffemodel": str(caffemodel), "out": str(outputs / "np_array"), "decode": "np.array"}),
-        Method("(b) protobuf parse + list(blob.data) per blob", f"{_MODULE}:protobuf_method",
+        Method("(b2) protobuf parse + list(blob.data) per blob", f"{_MODULE}:protobuf_method",
                {"caffemodel": str(caffemodel), "out": str(outputs / "list"), "decode": "list"}),
         Method("(c) this project: python -m converter convert", f"{_MODULE}:project_method",
                {"caffemodel": str(caffemodel), "out": str(outputs / "project")}),
     ]
-    rows, digests = [], {}
-    for method in methods:
-        print(f"  running {method.label} ({repeat}x) ...", flush=True)
-        rows.append((method.label, _run(method, repeat)))
-        digests[method.label] = _safetensors_digest(Path(method.kwargs["out"]))
-        shutil.rmtree(method.kwargs["out"])
+    rows, digests = run_rounds(methods, repeat)
     shutil.rmtree(outputs, ignore_errors=True)
-    floor, np_array, _, project = (m for _, m in rows)
+    floor, np_array, _, project = (row.best for row in rows)
+    print(_load_line())
     print()
     print_table(rows, floor.wall_s, size)
     print()
@@ -336,7 +366,9 @@ def bench_caffemodel(workdir: Path, config_name: str, seed: int, repeat: int) ->
         for label, digest in digests.items():
             print(f"  {digest[:16]}  {label}")
     time_ratio = project.wall_s / floor.wall_s
-    print(f"target (c) time within {TIME_TARGET}x of (a): {time_ratio:.2f}x  {verdict(time_ratio <= TIME_TARGET)}")
+    median_ratio = rows[3].median_s / rows[0].median_s
+    print(f"target (c) time within {TIME_TARGET}x of (a): {time_ratio:.2f}x (medians: {median_ratio:.2f}x)  "
+          f"{verdict(time_ratio <= TIME_TARGET)}")
     print(
         f"target (c) peak RSS below the np.array method's: {_mib(project.peak_rss)} vs {_mib(np_array.peak_rss)} MiB  "
         f"{verdict(project.peak_rss < np_array.peak_rss)}"
@@ -408,14 +440,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="resnet101", help="network size (default resnet101)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"), help="where files are written")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each method (fastest time, largest memory)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each method (fastest time, largest memory)")
     parser.add_argument("--hdf5-gib", type=float, default=3.0, help="size of the HDF5 weights file (default 3)")
     parser.add_argument("--skip-hdf5", action="store_true", help="skip the HDF5 part")
     parser.add_argument("--keep", action="store_true", help="keep the HDF5 files afterwards")
     parser.add_argument("--min-free-gib", type=float, default=12.0, help="free disk required (default 12)")
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(arguments)
     check_free_space(args.workdir, args.min_free_gib)
-    print(f"bench-convert {date.today().isoformat()}: {' '.join(sys.argv)}")
+    print(f"bench-convert {date.today().isoformat()}: python -m benchmarks.bench_convert {' '.join(arguments)}")
     for line in machine_lines():
         print(line)
     bench_caffemodel(args.workdir, args.config, args.seed, args.repeat)
