@@ -63,6 +63,7 @@ def test_tower_blobs_come_from_their_own_call_of_the_shared_modules(model, msc_m
 
 def test_fc1_interp_is_computed_from_fc_fusion_as_the_reference_net_says(model, msc_map) -> None:
     assert msc_map.tails["fc1_interp"].bottom == "fc_fusion"
+    assert msc_map.tails["fc1_interp"].describe() == "zoom_factor=8"
     blobs = capture_blobs(model, torch.randn(1, 3, 65, 67), msc_map, ["fc_fusion", "fc1_interp"])
     height, width = blobs["fc_fusion"].shape[-2:]
     assert blobs["fc1_interp"].shape[-2:] == (height + 7 * (height - 1), width + 7 * (width - 1))

@@ -12,7 +12,8 @@ from models.deeplab import DeepLabV2MSC, ResNetConfig, caffe_msc_blob_taps
 from verify.activations import read_activations, write_activations
 from verify.budget import ErrorStats, Tolerance, error_stats
 from verify.capture import blob_map, capture_blobs
-from verify.compare import ModelSpec, verify_state_dict
+from verify.compare import TEACHER_FLOOR, ModelSpec, ReferenceBlobs, teacher_forced, verify_state_dict
+from verify.teacher import ForcedStep
 from verify_case import TinyCase, tiny_case
 
 
@@ -144,3 +145,21 @@ def test_cuda_verdict_runs_without_tf32_and_reports_drift_as_information(tmp_pat
                                                   "fc_fusion"}
     assert result.drift["bf16 autocast"]["res5b"] > 1e-4  # bf16 really ran
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+def test_teacher_step_above_the_floor_is_judged_by_its_own_float32_noise(tmp_path) -> None:
+    # A step with heavy cancellation: its fp32 error (~1e-4 of scale) exceeds the 1e-5 floor honestly.
+    def cancelling_sum(x: torch.Tensor) -> torch.Tensor:
+        return (x + 1e4).sum(dim=1, keepdim=True) - 1e4 * x.shape[1]
+
+    step = ForcedStep("y", ("data",), cancelling_sum, "cancelling sum")
+    data = torch.randn(1, 4096, 3, 3, generator=torch.Generator().manual_seed(0)) * 100
+    exact = cancelling_sum(data.double())
+    noise = (cancelling_sum(data) - exact).abs().max()
+    for offset, passes in ((0.0, True), (30 * noise, False)):
+        path = write_activations(tmp_path / f"ref{passes}.h5", producer="test", prototxt="", inputs={"data": data.numpy()},
+                                 blobs={"y": (exact + offset).float().numpy()})
+        with read_activations(path) as ref:
+            forced = teacher_forced(step, step, ReferenceBlobs(ref, torch.device("cpu")))
+        assert TEACHER_FLOOR.ratio(forced.stats) > 1.0 and forced.noise is not None
+        assert (forced.ratio <= 1.0) == passes

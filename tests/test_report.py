@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import math
 
-from verify.budget import ErrorStats, NoiseBudget, Tolerance
+from verify.budget import ErrorStats, NoiseBudget, Tolerance, ulps
 from verify.report import markdown_report, summary_line, write_report
 from verify.result import FAIL, PASS, SKIPPED, BlobRow, Scheme, VerificationResult
 from verify.verdict import describe_parity, parity_record
 
-SCHEME = Scheme(budget_factor=10.0, floor_ulps=4.0, teacher=Tolerance(1e-5, 1e-6), description="scheme text")
+SCHEME = Scheme(budget_factor=10.0, floor=ulps(4), teacher=Tolerance(1e-5, 1e-6), description="scheme text")
 
 
 def _row(name: str, err: float, noise: float, teacher: float | None, status: str) -> BlobRow:
-    budget = NoiseBudget(ErrorStats(noise, noise / 10, 1.0), 10.0, 4.0).tolerance
+    budget = NoiseBudget(ErrorStats(noise, noise / 10, 1.0), 10.0, ulps(4)).tolerance
     e2e = ErrorStats(err, err / 10, 1.0)
     return BlobRow(
         name=name,
@@ -30,11 +30,11 @@ def _row(name: str, err: float, noise: float, teacher: float | None, status: str
     )
 
 
-def _result(rows: tuple[BlobRow, ...]) -> VerificationResult:
+def _result(rows: tuple[BlobRow, ...], not_in_reference: tuple[str, ...] = ("res3a_branch1",)) -> VerificationResult:
     verdict = FAIL if any(r.failed for r in rows) else PASS
     return VerificationResult(
         verdict=verdict, rows=rows, scheme=SCHEME, producer="opencv 4.14", reference_path="ref.h5",
-        device="cpu", dtype="float32", scope="full", not_in_reference=("res3a_branch1",),
+        device="cpu", dtype="float32", scope="full", not_in_reference=not_in_reference,
     )
 
 
@@ -56,6 +56,7 @@ def test_report_files_hold_verdict_table_and_plot(tmp_path) -> None:
     files = write_report(FAILING, tmp_path / "parity")
     text = files.markdown.read_text()
     assert "**FAIL**" in text and "`res2a`" in text and "not in reference: res3a_branch1" in text
+    assert "and 2 more (report.json lists all)" in markdown_report(_result(FAILING.rows, not_in_reference=tuple("abcdefghijklmn")))
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
     assert [line.split("|")[2].strip() for line in table_rows] == ["`conv1`", "`pool1`", "`res2a`", "`res2b`"]
     data = json.loads(files.json.read_text())
@@ -78,9 +79,10 @@ def test_zero_and_nan_errors_do_not_break_the_report(tmp_path) -> None:
 
 
 def test_budget_tolerance_is_factor_times_noise_with_ulp_floor() -> None:
-    budget = NoiseBudget(ErrorStats(max_abs=2e-4, mean_abs=0.0, scale=2.0), factor=10.0, floor_ulps=4.0)
+    budget = NoiseBudget(ErrorStats(max_abs=2e-4, mean_abs=0.0, scale=2.0), factor=10.0, floor=ulps(4))
     assert math.isclose(budget.tolerance.max_rel, 1e-3)
     assert math.isclose(budget.tolerance.mean_rel, 4 * 2.0**-23)
+    assert NoiseBudget(None, 10.0, Tolerance(1e-5, 1e-6)).tolerance == Tolerance(1e-5, 1e-6)
 
 
 def test_manifest_record_and_parity_line() -> None:

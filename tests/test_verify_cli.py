@@ -175,6 +175,8 @@ def test_other_bad_invocations_exit_2(case: TinyCase, tmp_path: Path) -> None:
     assert "no such reference" in _bad(["--checkpoint", case.checkpoint, "--reference", tmp_path / "x.h5"])
     assert "--reference brings its own input" in _bad(
         ["--checkpoint", case.checkpoint, "--reference", case.reference, "--image", tmp_path / "a.png"])
+    assert "not a device name" in _bad(["--checkpoint", case.checkpoint, "--reference", case.reference,
+                                        "--device", "gpu0"])
     if not torch.cuda.is_available():
         assert "no CUDA device" in _bad(["--checkpoint", case.checkpoint, "--reference", case.reference,
                                          "--device", "cuda"])

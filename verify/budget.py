@@ -1,13 +1,11 @@
-"""Error statistics of one blob and the noise budget that judges them.
+"""Error statistics of one blob and the noise budgets that judge them.
 
 A blob's *scale* is the largest magnitude of its exact value; errors are reported as
-absolute numbers and relative to that scale. The end-to-end budget of a blob is
-derived from the model itself: the PyTorch model is run in float32 and in float64
-on the same input and weights, and the float32 rounding noise of that very blob
-(`max|x32 - x64|`, `mean|x32 - x64|`) times a factor is what another float32
-implementation of the same net (the reference) may differ by. A floor of a few
-float32 ulps of the scale keeps blobs that are computed exactly from getting a
-zero budget. See docs/parity.md for the choice of the constants.
+absolute numbers and relative to that scale. A budget is derived from the model itself:
+the PyTorch computation is run in float32 and in float64 on the same input and weights,
+and the float32 rounding noise of that very blob (`max|x32 - x64|`, `mean|x32 - x64|`)
+times a factor is what another float32 implementation (the reference) may differ by,
+never less than a floor. See verify/compare.py and docs/parity.md for the constants.
 """
 
 from __future__ import annotations
@@ -52,19 +50,28 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class NoiseBudget:
-    """The end-to-end allowance for one blob: k x its own float32 noise, never below the ulp floor."""
+    """An allowance derived from measured float32 noise: `factor` x noise, never below `floor`.
 
-    noise: ErrorStats
+    Without a noise measurement (None) the floor alone is the tolerance.
+    """
+
+    noise: ErrorStats | None
     factor: float
-    floor_ulps: float
+    floor: Tolerance
 
     @property
     def tolerance(self) -> Tolerance:
-        floor = self.floor_ulps * FLOAT32_EPS
+        if self.noise is None:
+            return self.floor
         return Tolerance(
-            max_rel=max(self.factor * self.noise.max_rel, floor),
-            mean_rel=max(self.factor * self.noise.mean_rel, floor),
+            max_rel=max(self.factor * self.noise.max_rel, self.floor.max_rel),
+            mean_rel=max(self.factor * self.noise.mean_rel, self.floor.mean_rel),
         )
+
+
+def ulps(count: float) -> Tolerance:
+    """`count` float32 ulps of a blob's scale, for both max and mean error."""
+    return Tolerance(count * FLOAT32_EPS, count * FLOAT32_EPS)
 
 
 def error_stats(actual: torch.Tensor, expected: torch.Tensor, *, scale: float | None = None) -> ErrorStats:

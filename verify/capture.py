@@ -31,6 +31,7 @@ MSC_ONLY = ("data_res075", "data_res05", "fc_fusion")
 TOWER_SUFFIXES = ("_res075", "_res05")
 
 BlobSink = Callable[[str, torch.Tensor], None]
+_INTERP_DEFAULTS = {"zoom_factor": 1, "shrink_factor": 1, "pad_beg": 0, "pad_end": 0, "out_height": 0, "out_width": 0}
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class InterpTail:
 
     bottom: str
     params: Mapping[str, int]
+
+    def describe(self) -> str:
+        """The parameters that are set, e.g. "zoom_factor=8"."""
+        return ", ".join(f"{key}={value}" for key, value in self.params.items() if value != _INTERP_DEFAULTS[key])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         pads = {k: self.params.get(k, 0) for k in ("pad_beg", "pad_end")}

@@ -21,7 +21,9 @@ class BlobRow:
     `end_to_end` compares the PyTorch float32 value with the reference; `noise` is the
     PyTorch float32-vs-float64 discrepancy the budget is derived from; `teacher` compares
     the reference's output with the PyTorch module run on the reference's own inputs
-    (`teacher_inputs`), None where the blob is not the output of a forced step.
+    (`teacher_inputs`), None where the blob is not the output of a forced step;
+    `teacher_noise` is that step's own float32 noise, measured only when its error
+    exceeded the teacher-forcing floor; `teacher_budget` the tolerance it was judged by.
     """
 
     name: str
@@ -33,6 +35,8 @@ class BlobRow:
     end_to_end_ratio: float | None = None
     teacher: ErrorStats | None = None
     teacher_inputs: tuple[str, ...] = ()
+    teacher_noise: ErrorStats | None = None
+    teacher_budget: Tolerance | None = None
     teacher_ratio: float | None = None
     note: str = ""
 
@@ -48,10 +52,10 @@ class BlobRow:
 
 @dataclass(frozen=True)
 class Scheme:
-    """The tolerance scheme in force: budget factor and floor, teacher-forcing tolerance."""
+    """The tolerance scheme in force: one noise factor, the end-to-end floor and the teacher-forcing floor."""
 
     budget_factor: float
-    floor_ulps: float
+    floor: Tolerance
     teacher: Tolerance
     description: str
 

@@ -51,7 +51,7 @@ def forced_steps(model: nn.Module, config: ResNetConfig, blobs: BlobMap, availab
     if blobs.multi_scale:
         _msc_recipes(model, blobs.head_name, recipes)
     for name, tail in blobs.tails.items():
-        recipes[name] = [_Recipe((tail.bottom,), tail.apply, f"Interp {dict(tail.params)}")]
+        recipes[name] = [_Recipe((tail.bottom,), tail.apply, f"Interp {tail.describe()}")]
     steps = []
     for output, options in recipes.items():
         if output not in blobs:
