@@ -20,6 +20,17 @@ from verify.activations import read_activations
 from verify.inputs import caffe_preprocess, synthetic_image
 from verify.opencv_reference import main, produce_opencv_reference, require_opencv4, stage_blobs
 
+def _opencv4_missing() -> str | None:
+    """Why this machine cannot run the oracle (e.g. the GPU machine's OpenCV 5), or None."""
+    try:
+        require_opencv4()
+    except CaffeError as error:
+        return str(error)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_opencv4_missing() is not None, reason=f"no OpenCV Caffe importer: {_opencv4_missing()}")
+
 # OpenCV's own Caffe layer tests whose references real Caffe produced (CASES.md), fed to blob "input".
 CAFFE_CASES = [
     "layer_convolution", "layer_deconvolution", "layer_inner_product", "layer_pooling_max", "layer_pooling_ave",
