@@ -228,7 +228,7 @@ def _plot_png(result: VerificationResult) -> bytes:
 
     rows = result.rows
     x = list(range(len(rows)))
-    fig = Figure(figsize=(max(8.0, 0.09 * len(rows)), 4.8), dpi=110)
+    fig = Figure(figsize=(min(16.0, max(8.0, 0.09 * len(rows))), 5.0), dpi=110)
     ax = fig.add_subplot()
 
     def series(values: list[float | None]) -> tuple[list[int], list[float]]:
