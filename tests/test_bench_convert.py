@@ -17,6 +17,10 @@ from models.deeplab import ResNetConfig
 
 MIB = 2**20
 
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="peak RSS measurement needs Linux /proc/self/clear_refs"
+)
+
 
 def allocating_method(held_mib: int, transient_mib: int, prepare_spike_mib: int) -> Callable[[], dict]:
     """Child-side method for the memory test: keeps `held_mib`, spikes in preparation, allocates when timed."""
