@@ -180,3 +180,11 @@ def test_other_bad_invocations_exit_2(case: TinyCase, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         assert "no CUDA device" in _bad(["--checkpoint", case.checkpoint, "--reference", case.reference,
                                          "--device", "cuda"])
+
+
+def test_step_input_of_a_wrong_shape_is_named_even_when_not_compared(case: TinyCase, tmp_path: Path) -> None:
+    with read_activations(case.reference) as ref:
+        branch2a = ref.get("res2a_branch2a")
+    wrong = _rewrite_reference(case, tmp_path / "wrong.h5", res2a_branch2a=branch2a[:, :2])
+    message = _bad(["--checkpoint", case.checkpoint, "--reference", wrong, "--blobs", "res2a_branch2b"])
+    assert "res2a_branch2a (1, 2, 17, 18)" in message and "'res2a_branch2b'" in message

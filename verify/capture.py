@@ -13,7 +13,6 @@ bottom when the reference's net definition has them.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -21,14 +20,12 @@ import torch
 from torch import nn
 
 from converter.reader import parse_prototxt_text
-from models.deeplab import DEFAULT_HEAD_NAME, ResNetConfig, caffe_blob_taps, caffe_msc_blob_taps
+from models.deeplab import DEFAULT_HEAD_NAME, MSC_TOWER_SUFFIXES, ResNetConfig, caffe_blob_taps, caffe_msc_blob_taps
 from models.interp import caffe_interp, caffe_interp_size
-
-log = logging.getLogger(__name__)
 
 # Blobs only the multi-scale net has (besides the tower copies, which carry these suffixes).
 MSC_ONLY = ("data_res075", "data_res05", "fc_fusion")
-TOWER_SUFFIXES = ("_res075", "_res05")
+TOWER_SUFFIXES = MSC_TOWER_SUFFIXES[1:]  # the scaled towers' blob suffixes
 
 BlobSink = Callable[[str, torch.Tensor], None]
 _INTERP_DEFAULTS = {"zoom_factor": 1, "shrink_factor": 1, "pad_beg": 0, "pad_end": 0, "out_height": 0, "out_width": 0}

@@ -27,8 +27,6 @@ from verify.opencv_reference import default_feed, produce_opencv_reference
 from verify.report import summary_line, write_report
 from verify.verdict import parity_record, record_parity
 
-log = logging.getLogger(__name__)
-
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 REPORT_SUBDIR = "parity"
 REFERENCE_FILE = "reference_opencv.h5"

@@ -184,7 +184,7 @@ def verify_state_dict(
         elif name in end_to_end:
             rows.append(_row(name, shape, end_to_end[name], noise[name], teacher.get(name)))
     drift_info: dict[str, dict[str, float]] = {}
-    if drift if drift is not None else torch_device.type == "cuda":
+    if torch_device.type == "cuda" if drift is None else drift:
         clock = time.perf_counter()
         drift_info = _drift(model, data.to(torch_device), mapping, spec.config, compared, reference)
         timings["drift (information)"] = time.perf_counter() - clock
@@ -296,8 +296,13 @@ def teacher_forced(step: ForcedStep, step64: ForcedStep, blobs: ReferenceBlobs) 
     """Run the step in float32 on the reference's inputs; above the floor, measure its own float32 noise."""
     with torch.no_grad():
         inputs = [blobs.get(name) for name in step.inputs]
-        output = step.run(*inputs)
-        stats = error_stats(output, blobs.get(step.output))
+        try:
+            output = step.run(*inputs)
+            stats = error_stats(output, blobs.get(step.output))
+        except (RuntimeError, ValueError) as error:  # reference blobs of shapes the step cannot take
+            shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(step.inputs, inputs))
+            raise CaffeError(f"teacher-forced step {step.what} -> '{step.output}' fails on the reference's "
+                             f"{shapes}: {str(error).splitlines()[0]}", path=blobs.reference.path) from None
         noise = None
         if TEACHER_FLOOR.ratio(stats) > 1.0:
             noise = error_stats(output, step64.run(*[x.to(torch.float64) for x in inputs]))

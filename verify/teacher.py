@@ -18,11 +18,10 @@ from typing import Callable, Collection
 import torch
 from torch import nn
 
-from models.deeplab import ResNetConfig, caffe_blocks
+from models.deeplab import ASPP_DILATIONS, MSC_TOWER_SUFFIXES, ResNetConfig, caffe_blocks
 from verify.capture import BlobMap
 
-ASPP_BRANCHES = 4
-TOWER_INPUTS = {"": "data", "_res075": "data_res075", "_res05": "data_res05"}
+ASPP_BRANCHES = len(ASPP_DILATIONS)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class _Recipe:
 def forced_steps(model: nn.Module, config: ResNetConfig, blobs: BlobMap, available: Collection[str]) -> list[ForcedStep]:
     """The teacher-forced steps for every mapped blob whose inputs are `available` (reference blobs and inputs)."""
     recipes: dict[str, list[_Recipe]] = {}
-    towers = ("", "_res075", "_res05") if blobs.multi_scale else ("",)
+    towers = MSC_TOWER_SUFFIXES if blobs.multi_scale else ("",)
     for tower in towers:
         _tower_recipes(model, config, blobs.head_name, tower, recipes, full=tower == "")
     if blobs.multi_scale:
@@ -67,8 +66,8 @@ def _tower_recipes(
 ) -> None:
     module = model.get_submodule
     stem_conv, stem_bn, stem_relu = module("backbone.conv1"), module("backbone.bn1"), module("backbone.relu")
-    recipes[f"conv1{tower}"] = [
-        _Recipe((TOWER_INPUTS[tower],), lambda x: stem_relu(stem_bn(stem_conv(x))), "backbone.conv1+bn1+relu")
+    recipes[f"conv1{tower}"] = [  # a tower's input: data, data_res075, data_res05
+        _Recipe((f"data{tower}",), lambda x: stem_relu(stem_bn(stem_conv(x))), "backbone.conv1+bn1+relu")
     ]
     recipes[f"pool1{tower}"] = [_Recipe((f"conv1{tower}",), module("backbone.maxpool"), "backbone.maxpool")]
     previous = f"pool1{tower}"
