@@ -30,6 +30,7 @@ from converter.deeplab_names import (
 )
 from converter.errors import CaffeError
 from converter.netdesc import Layer, Net
+from converter.reader import release_pages
 from models.deeplab import CAFFE_STAGES, ASPPHead, ResNetBackbone, ResNetConfig, caffe_block_name
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def _check_tower_copies(net: Net, layer: Layer, head_name: str) -> tuple[int, in
                     "the shared towers must hold identical weights",
                     path=net.path, layer=copy_name,
                 )
+            release_pages(theirs)  # a checked copy is never read again: keep only one tower resident
         copies += 1
         blobs += len(copy.blobs)
     return copies, blobs

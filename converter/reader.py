@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ __all__ = [
     "read_caffemodel",
     "read_hdf5_weights",
     "read_prototxt",
+    "release_pages",
 ]
 
 log = logging.getLogger(__name__)
@@ -328,6 +330,28 @@ def _hdf5_blob(path: Path, layer: str, index: int, dataset: Any) -> np.ndarray:
         return blob
     _check_finite((np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=dataset.shape),), path, layer, index)
     return np.memmap(path, dtype="<f4", mode="c", offset=offset, shape=dataset.shape).view(np.ndarray)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages behind a blob mapped from its file, so a blob read once stays cheap.
+
+    The pages reload from the file on the next touch (the mapping is copy-on-write and blobs are
+    never written), so the values do not change. Only pages wholly inside the blob are released.
+    A no-op for arrays that are not views of a mapped file.
+    """
+    owner = array.base
+    while owner is not None and not isinstance(owner, np.memmap):
+        owner = owner.base
+    handle = getattr(owner, "_mmap", None)
+    if handle is None or array.nbytes == 0:
+        return
+    mapping_start = owner.__array_interface__["data"][0] - owner.offset % mmap.ALLOCATIONGRANULARITY
+    begin = array.__array_interface__["data"][0] - mapping_start
+    end = begin + array.nbytes
+    first_page = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+    last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last_page > first_page:
+        handle.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
 
 
 # --------------------------------------------------------------------------- assembling a Net

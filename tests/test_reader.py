@@ -18,6 +18,7 @@ from converter.reader import (
     read_caffemodel,
     read_hdf5_weights,
     read_prototxt,
+    release_pages,
 )
 from converter.schema import caffe_pb
 from converter.wire import write_caffemodel, write_hdf5_weights
@@ -126,6 +127,35 @@ def test_hdf5_blobs_are_lazy_writable_maps_of_the_file(tmp_path: Path) -> None:
     assert isinstance(blob.base, np.memmap) and blob.flags.writeable
     blob[...] = 0
     assert np.array_equal(read_hdf5_weights(weights).layer("conv1").blobs[0], _blobs()["conv1"][0])
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to read resident memory")
+@pytest.mark.parametrize("kind", ["hdf5", "caffemodel"])
+def test_released_blob_pages_leave_memory_and_reload_with_the_same_values(tmp_path: Path, kind: str) -> None:
+    values = np.random.default_rng(0).standard_normal((64, 64, 32, 32)).astype(np.float32)  # 16 MiB
+    if kind == "hdf5":
+        write_hdf5_weights(tmp_path / "w.h5", {"conv": [values]})
+        blob = read_hdf5_weights(tmp_path / "w.h5").layer("conv").blobs[0]
+    else:
+        net = caffe_pb().NetParameter()
+        net.layer.add(name="conv", type="Convolution")
+        write_caffemodel(tmp_path / "w.caffemodel", net, {"conv": [values]})
+        blob = read_caffemodel(tmp_path / "w.caffemodel").layer("conv").blobs[0]
+    assert np.array_equal(blob, values)  # touches every page
+    touched = _resident_bytes()
+    release_pages(blob)
+    assert touched - _resident_bytes() > 0.9 * values.nbytes
+    assert np.array_equal(blob, values)
+
+
+def test_release_pages_ignores_arrays_in_memory() -> None:
+    values = np.ones(1 << 20, dtype=np.float32)
+    release_pages(values)
+    assert values.sum() == 1 << 20
 
 
 def test_hdf5_iterator_yields_layer_by_layer_and_reads_chunked_datasets(tmp_path: Path) -> None:
