@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"verdict {result.verdict.upper()}")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, Python {platform.python_version()}")
-    print(f"\n| stage | seconds | x fp32 forward |\n|---|---|---|")
+    print("\n| stage | seconds | x fp32 forward |\n|---|---|---|")
     for name, seconds in stages:
         print(f"| {name} | {seconds:.2f} | {seconds / forward:.2f} |")
     ratio = total / forward

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
+from converter.atomic import temporary_beside, write_atomic
 from converter.errors import CaffeError
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 
@@ -118,9 +118,7 @@ def _make_dir(out_dir: Path) -> list[Path]:
 
 
 def _write_temp(out_dir: Path, name: str, write: Callable[[Path], None], temps: list[Path]) -> Path:
-    handle, temp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(temp_name)
+    temp = temporary_beside(out_dir / name)
     temps.append(temp)
     write(temp)
     return temp
@@ -238,16 +236,7 @@ def update_manifest(out_dir: str | Path, key: str, value: Any) -> dict[str, Any]
     out = Path(out_dir)
     manifest = read_manifest(out)
     manifest[key] = value
-    temps: list[Path] = []
-    try:
-        temp = _write_temp(out, MANIFEST_FILE, lambda path: _write_json(path, manifest), temps)
-        os.replace(temp, out / MANIFEST_FILE)
-    except BaseException as error:
-        for leftover in temps:
-            leftover.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CaffeError(f"cannot update the manifest: {error.strerror or error}", path=out) from None
-        raise
+    write_atomic(out / MANIFEST_FILE, lambda path: _write_json(path, manifest))
     return manifest
 
 

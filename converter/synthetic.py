@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
+from converter.atomic import write_atomic
 from converter.checkpoint import sha256_file
 from converter.deeplab_names import head_layer_names, name_map, tower_copy_names
 from converter.netspec import KINDS, deeplab_net_param, kind_defaults
@@ -141,7 +141,8 @@ def write_synthetic_deeplab(
             for copy in tower_copy_names(layer, head_name):
                 blobs[copy] = blobs[layer]
     prototxt = out / prototxt_name
-    _write_text_atomic(prototxt, text_format.MessageToString(net))
+    text = text_format.MessageToString(net)
+    write_atomic(prototxt, lambda path: path.write_text(text))
     saved = caffe_pb().NetParameter()
     saved.CopyFrom(net)
     for layer in saved.layer:
@@ -261,15 +262,6 @@ def _upsample_bilinear(coarse: np.ndarray, height: int, width: int) -> np.ndarra
     x0, x1, wx = axis(coarse.shape[2], width)
     rows = coarse[:, y0] * (1 - wy)[None, :, None] + coarse[:, y1] * wy[None, :, None]
     return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import IO, Any
 import h5py
 import numpy as np
 
+from converter.atomic import write_atomic
 from converter.errors import CaffeError
 
 __all__ = [
@@ -384,7 +385,7 @@ def write_caffemodel(
                     raise ValueError(f"layer '{layer.name}' carries blobs in net_param; pass them in `blobs`")
                 _write_layer(stream, layer, blobs.get(layer.name, ()))
 
-    _write_atomic(Path(path), write)
+    write_atomic(path, write)
     log.info("wrote %s (%d layers, %d with blobs)", path, len(net_param.layer), len(blobs))
 
 
@@ -451,21 +452,4 @@ def write_hdf5_weights(
                 for i, array in enumerate(arrays):
                     group.create_dataset(str(i), data=np.asarray(array, dtype="<f4"))
 
-    _write_atomic(Path(path), write)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
-
-    An OSError (folder missing, disk full, no permission) becomes a one-line CaffeError;
-    on any failure the temporary file is removed and `path` is left as it was.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CaffeError(f"cannot write: {exc.strerror or exc}", path=path) from exc
-        raise
+    write_atomic(path, write)

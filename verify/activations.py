@@ -9,9 +9,7 @@ The reader accepts any writer's rendering of this layout (str or bytes attribute
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from converter.atomic import write_atomic
 from converter.errors import CaffeError
 
 FORMAT = "caffe-activations"
@@ -62,10 +61,9 @@ def write_activations(
             f"({len(set(names))} distinct), blobs has {len(blobs)}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     options = {"compression": compression, "shuffle": True} if compression else {}
-    try:
+
+    def write(tmp: Path) -> None:
         # libver v108: attributes over 64 KiB (a long `order`) go to dense storage instead of failing.
         with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
             f.attrs["format"] = FORMAT
@@ -79,10 +77,8 @@ def write_activations(
             for name in names:
                 group.create_dataset(escape_name(name), data=np.asarray(blobs[name], dtype=np.float32), **options)
             group.attrs["order"] = np.array(names, dtype=h5py.string_dtype())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
     return path
 
 

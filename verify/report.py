@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.atomic import write_atomic
 from verify.budget import ErrorStats, Tolerance
 from verify.result import BlobRow, VerificationResult
 
@@ -28,9 +27,12 @@ def write_report(result: VerificationResult, out_dir: str | Path) -> ReportFiles
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(out / "report.md", out / "report.json", out / "errors.png")
-    _write_atomic(files.markdown, markdown_report(result).encode())
-    _write_atomic(files.json, json.dumps(result_to_json(result), indent=1, allow_nan=True).encode())
-    _write_atomic(files.plot, _plot_png(result))
+    markdown = markdown_report(result).encode()
+    data = json.dumps(result_to_json(result), indent=1, allow_nan=True).encode()
+    plot = _plot_png(result)
+    write_atomic(files.markdown, lambda path: path.write_bytes(markdown))
+    write_atomic(files.json, lambda path: path.write_bytes(data))
+    write_atomic(files.plot, lambda path: path.write_bytes(plot))
     return files
 
 
@@ -67,7 +69,7 @@ def markdown_report(result: VerificationResult) -> str:
         f"- teacher forcing: max abs <= {scheme.teacher.max_rel:.0e} and mean abs <= "
         f"{scheme.teacher.mean_rel:.0e} of the output's scale, or {scheme.budget_factor:g} x the step's "
         "own float32 noise where that is more",
-        f"- scale of a blob: its largest magnitude; rel = error / scale",
+        "- scale of a blob: its largest magnitude; rel = error / scale",
     ]
     if result.not_in_reference:
         lines.append(f"- not in reference: {_listed(result.not_in_reference)}")
@@ -263,14 +265,3 @@ def _plot_png(result: VerificationResult) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
