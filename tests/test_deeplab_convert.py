@@ -186,6 +186,23 @@ def test_differing_tower_copy_is_named(msc_net: Net) -> None:
         convert_deeplab(_with_blob(msc_net, "res3b1_branch2b_res05", 0, blob))
 
 
+def test_tower_copies_must_match_bit_for_bit_not_just_numerically(msc_net: Net) -> None:
+    main = msc_net.layer("res3b1_branch2b").blobs[0].copy()
+    main.flat[5] = 0.0
+    copy = main.copy()
+    copy.flat[5] = -0.0  # == 0.0 as a number, other bits
+    net = _with_blob(_with_blob(msc_net, "res3b1_branch2b", 0, main), "res3b1_branch2b_res05", 0, copy)
+    with pytest.raises(CaffeError, match=r"layer 'res3b1_branch2b_res05': tower copy blob 0 differs"):
+        convert_deeplab(net)
+
+
+def test_tower_copy_with_other_memory_layout_but_same_values_passes(msc_net: Net) -> None:
+    main = msc_net.layer("res3b1_branch2b").blobs[0]
+    strided = np.asfortranarray(main)
+    assert not strided.flags.c_contiguous
+    assert convert_deeplab(_with_blob(msc_net, "res3b1_branch2b_res05", 0, strided)).coverage.tower_copies_checked > 0
+
+
 def test_class_count_other_than_expected_names_the_head(msc_net: Net) -> None:
     with pytest.raises(CaffeError, match="layer 'fc1_voc12_c0': head has 21 classes, expected 5"):
         convert_deeplab(msc_net, num_classes=5)
