@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -22,3 +23,9 @@ class CaffeError(Exception):
             parts.append(f"layer '{self.layer}'")
         parts.append(self.message)
         return ": ".join(parts).replace("\n", " ")
+
+
+def listed(items: Sequence[str], limit: int = 6) -> str:
+    """The first `limit` items joined by commas, plus how many more: keeps an error to one readable line."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from converter.errors import CaffeError
+from converter.checkpoint import load_weights_strictly
+from converter.errors import CaffeError, listed
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig, caffe_blocks
 from verify.activations import ActivationsFile
 from verify.budget import ErrorStats, NoiseBudget, Tolerance, error_stats, ulps
@@ -81,34 +82,13 @@ class ModelSpec:
 
 
 def load_model(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec, *, multi_scale: bool, source: str) -> nn.Module:
-    """The DeepLab-v2 model (multi-scale or single) with the state dict loaded; CaffeError naming every misfit."""
+    """The DeepLab-v2 model (multi-scale at Caffe's own sizes, or single) with the state dict loaded strictly."""
     model: nn.Module
     if multi_scale:
         model = DeepLabV2MSC(spec.num_classes, spec.config, spec.bn_eps, align="strict")
     else:
         model = DeepLabV2(spec.num_classes, spec.config, spec.bn_eps)
-    expected = model.state_dict()
-    problems = []
-    missing = [key for key in expected if key not in state_dict]  # in model order: the first is telling
-    unexpected = [key for key in state_dict if key not in expected]
-    if missing:
-        problems.append(f"missing keys {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_few(unexpected)}")
-    wrong = [
-        f"{key} {tuple(state_dict[key].shape)} != model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
-    ]
-    if wrong:
-        problems.append(f"shape mismatches {_few(wrong)}")
-    if problems:
-        blocks = list(spec.config.blocks)
-        raise CaffeError(
-            f"checkpoint does not fit the model (blocks {blocks}, {spec.num_classes} classes): " + "; ".join(problems),
-            path=source,
-        )
-    model.load_state_dict(dict(state_dict), strict=True)
+    load_weights_strictly(model, state_dict, source=source)
     return model.eval()
 
 
@@ -145,7 +125,7 @@ def verify_state_dict(
     if not compared:
         raise CaffeError(
             "the reference holds none of the blobs the PyTorch model maps"
-            + (f" (it holds {_few(list(names))})" if names else ""),
+            + (f" (it holds {listed(list(names))})" if names else ""),
             path=reference.path,
         )
     data = _input(reference)
@@ -232,7 +212,7 @@ def _requested(reference: ActivationsFile, blobs: Sequence[str] | None) -> list[
         return list(reference.order)
     absent = [n for n in blobs if n not in reference]
     if absent:
-        raise CaffeError(f"blobs asked for are not in the reference: {_few(absent)}", path=reference.path)
+        raise CaffeError(f"blobs asked for are not in the reference: {listed(absent)}", path=reference.path)
     wanted = set(blobs)
     return [n for n in reference.order if n in wanted]
 
@@ -265,7 +245,7 @@ def _check_shapes(values: Mapping[str, torch.Tensor], reference: ActivationsFile
         if reference.shape(name) != tuple(value.shape)
     ]
     if wrong:
-        raise CaffeError(f"blob shapes differ: {_few(wrong)}", path=reference.path)
+        raise CaffeError(f"blob shapes differ: {listed(wrong)}", path=reference.path)
 
 
 def _float64_noise(
@@ -389,8 +369,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
     return f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-
-
-def _few(items: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
