@@ -117,7 +117,8 @@ class ActivationsFile:
         if isinstance(version, np.ndarray) and version.size == 1:
             version = version.reshape(()).item()
         if not isinstance(version, (int, np.integer)) or int(version) != VERSION:
-            raise self._fail(f"unsupported version {version!r} (this reader knows version {VERSION})")
+            shown = int(version) if isinstance(version, np.integer) else repr(version)
+            raise self._fail(f"unsupported version {shown} (this reader knows version {VERSION})")
         for key in ("producer", "prototxt"):
             if key not in attrs:
                 raise self._fail(f"root attribute '{key}' is missing")
