@@ -13,6 +13,7 @@ temporary file beside the target and rename it into place, so a failure leaves n
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -94,7 +95,11 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
 
 def _next_field(buf: memoryview, pos: int, end: int) -> tuple[int, int, int, int]:
     """(field number, wire type, value start, next field start) of the field at `pos`."""
-    key, pos = _varint(buf, pos, end)
+    if pos < end and buf[pos] < 0x80:  # one-byte key (fields 1..15): skip the general varint loop
+        key = buf[pos]
+        pos += 1
+    else:
+        key, pos = _varint(buf, pos, end)
     number, wire = key >> 3, key & 7
     if number == 0:
         raise _Malformed("field number 0")
@@ -309,16 +314,25 @@ def _unpacked_run(buffer: Any, pos: int, end: int, key: int, dtype: str) -> tupl
     return values, pos + run * record
 
 
-def _expected_wire(field: Any) -> set[int]:
+@functools.cache
+def _field_table(descriptor: Any) -> dict[int, tuple[str, frozenset[int], Any]]:
+    """number -> (name, accepted wire types, message descriptor or None) of a message's fields.
+
+    Built once per schema message: the unknown-field walk visits ~16k fields per DeepLab net.
+    """
+    return {field.number: (field.name, _expected_wire(field), field.message_type) for field in descriptor.fields}
+
+
+def _expected_wire(field: Any) -> frozenset[int]:
     if field.message_type is not None or field.type in (field.TYPE_STRING, field.TYPE_BYTES):
-        return {LENGTH}
+        return frozenset({LENGTH})
     if field.type in (field.TYPE_DOUBLE, field.TYPE_FIXED64, field.TYPE_SFIXED64):
         wire = FIXED64
     elif field.type in (field.TYPE_FLOAT, field.TYPE_FIXED32, field.TYPE_SFIXED32):
         wire = FIXED32
     else:
         wire = VARINT
-    return {wire, LENGTH} if _is_repeated(field) else {wire}
+    return frozenset({wire, LENGTH} if _is_repeated(field) else {wire})
 
 
 def _is_repeated(field: Any) -> bool:
@@ -342,15 +356,18 @@ def unknown_fields(data: bytes, descriptor: Any) -> list[str]:
 
 
 def _collect_unknown(view: memoryview, pos: int, end: int, descriptor: Any, prefix: str, found: list[str]) -> None:
+    fields = _field_table(descriptor)
     while pos < end:
         number, wire, value, after = _next_field(view, pos, end)
-        field = descriptor.fields_by_number.get(number)
-        if field is None:
+        known = fields.get(number)
+        if known is None:
             found.append(f"{prefix}{number}")
-        elif wire not in _expected_wire(field):
-            found.append(f"{prefix}{field.name} (wire type {wire})")
-        elif field.message_type is not None:
-            _collect_unknown(view, value, after, field.message_type, f"{prefix}{field.name}.", found)
+        else:
+            name, wires, message_type = known
+            if wire not in wires:
+                found.append(f"{prefix}{name} (wire type {wire})")
+            elif message_type is not None:
+                _collect_unknown(view, value, after, message_type, f"{prefix}{name}.", found)
         pos = after
 
 
