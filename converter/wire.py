@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -270,7 +271,7 @@ def decode_blob(
         data = floats[0]
     else:
         data = np.concatenate(floats) if floats else np.empty(0, "<f4")
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # Python ints: no numpy call per blob, no int64 overflow on absurd dims
     if any(d < 0 for d in shape) or expected != data.size:
         raise CaffeError(
             f"blob {index} holds {data.size} values but its shape {list(shape)} needs {expected}",
