@@ -55,6 +55,7 @@ _BLOB_DATA, _BLOB_SHAPE, _BLOB_DOUBLE_DATA = 5, 7, 8
 
 # BVLC field numbers the DeepLab fork reuses (see caffe.proto): on disk -> in our schema, by layer type.
 _BVLC_ALIASES = {"Input": (143, 10143), "Crop": (144, 10144)}
+_BVLC_ALIAS_NUMBERS = frozenset(on_disk for on_disk, _ in _BVLC_ALIASES.values())
 
 
 class _Malformed(ValueError):
@@ -195,34 +196,42 @@ def _scan_layer(
 ) -> RawLayer:
     """Split one layer into its non-blob fields (BVLC aliases renumbered) and its decoded blobs."""
     name_field, blob_field = _LAYER_NAME[version], _LAYER_BLOBS[version]
-    fields: list[tuple[int, int, int, int, int]] = []
-    blob_spans: list[tuple[int, int]] = []
+    blob_spans: list[tuple[int, int, int]] = []  # (key start, value start, end) of each blob field
+    alias_spans: list[tuple[int, int, int, int]] = []  # (number, key start, value start, end) of possible aliases
     name, layer_type = f"#{index}", ""
     pos = start
     try:
         while pos < end:
             number, wire, value, after = _next_field(view, pos, end)
-            if number == blob_field and wire == LENGTH:
-                blob_spans.append((value, after))
-            else:
-                fields.append((number, wire, pos, value, after))
-                if number == name_field and wire == LENGTH:
+            if wire == LENGTH:
+                if number == blob_field:
+                    blob_spans.append((pos, value, after))
+                elif number == name_field:
                     name = bytes(view[value:after]).decode("utf-8", "replace")
-                elif version == 2 and number == _LAYER_TYPE and wire == LENGTH:
+                elif version == 2 and number == _LAYER_TYPE:
                     layer_type = bytes(view[value:after]).decode("utf-8", "replace")
+                elif version == 2 and number in _BVLC_ALIAS_NUMBERS:
+                    alias_spans.append((number, pos, value, after))
             pos = after
     except _Malformed as exc:
         raise CaffeError(f"malformed layer definition at byte {pos} ({exc})", path=path, layer=name) from None
+    # The param is the layer's bytes with the blob fields cut out and the alias fields' keys renumbered.
+    edits = [(key_start, after, b"") for key_start, _, after in blob_spans]
     alias = _BVLC_ALIASES.get(layer_type) if version == 2 else None
-    parts = []
-    for number, wire, key_start, value, after in fields:
-        if alias is not None and number == alias[0] and wire == LENGTH:
-            parts.append(_key(alias[1], LENGTH) + _encode_varint(after - value) + bytes(view[value:after]))
-        else:
-            parts.append(bytes(view[key_start:after]))
+    if alias is not None:
+        edits += [
+            (key_start, value, _key(alias[1], LENGTH) + _encode_varint(after - value))
+            for number, key_start, value, after in alias_spans
+            if number == alias[0]
+        ]
+    parts, cursor = [], start
+    for cut_start, cut_end, replacement in sorted(edits):
+        parts += (bytes(view[cursor:cut_start]), replacement)
+        cursor = cut_end
+    parts.append(bytes(view[cursor:end]))
     blobs = tuple(
         decode_blob(view, buffer, value, after, path=path, layer=name, index=i)
-        for i, (value, after) in enumerate(blob_spans)
+        for i, (_, value, after) in enumerate(blob_spans)
     )
     return RawLayer(version=version, name=name, param=b"".join(parts), blobs=blobs)
 

@@ -112,6 +112,20 @@ def test_input_layer_param_is_written_at_bvlc_field_143(tmp_path: Path) -> None:
     assert not read.layer("data").param.HasField("interp_param")
 
 
+def test_layer_fields_around_blobs_and_an_alias_before_the_type_are_all_kept() -> None:
+    def field(number: int, payload: bytes) -> bytes:
+        return _key(number, wire.LENGTH) + _varint(len(payload)) + payload
+
+    blob = field(5, np.arange(2, dtype="<f4").tobytes()) + field(7, field(1, _varint(2)))  # data, shape [2]
+    shape = field(1, field(1, _varint(1) + _varint(3)))  # InputParameter.shape.dim packed [1, 3]
+    layer = field(143, shape) + field(1, b"data") + field(7, blob) + field(2, b"Input") + field(7, blob)
+    layer += field(3, b"x")  # a bottom after the blobs
+    raw = wire.scan_net(field(100, layer), "m.caffemodel").layers[0]
+    param = caffe_pb().LayerParameter.FromString(raw.param)
+    assert (param.name, param.type, list(param.bottom)) == ("data", "Input", ["x"])
+    assert list(param.input_param.shape[0].dim) == [1, 3] and len(raw.blobs) == 2
+
+
 def test_interp_layer_param_stays_at_fork_field_143(tmp_path: Path) -> None:
     pb = caffe_pb()
     net = pb.NetParameter(name="n")
