@@ -100,11 +100,13 @@ def run_convert(args: argparse.Namespace) -> None:
         state_dict, report = _apply_surgery(
             result.state_dict, surgery=args.surgery, num_classes=args.classes, seed=args.seed, source=caffemodel
         )
+        # Work that does not need the hashes runs before waiting for them (hashing 0.5 GB takes longer).
+        prototxt_text = prototxt.read_text(encoding="utf-8") if prototxt else net_definition_text(net)
         caffemodel_record, prototxt_record = records.result()
     config, num_classes = config_from_state_dict(state_dict)
     manifest = new_manifest(
         inputs={"caffemodel": caffemodel_record, "prototxt": prototxt_record},
-        prototxt_text=prototxt.read_text(encoding="utf-8") if prototxt else net_definition_text(net),
+        prototxt_text=prototxt_text,
         model=_model_entry(config, num_classes, result.bn_eps),
         surgery=None if report is None else report.as_dict(),
         coverage={"head_name": result.head_name, **result.coverage.as_dict()},
