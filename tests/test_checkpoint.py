@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -147,3 +149,11 @@ def test_model_builds_from_the_manifest_with_its_eps(tmp_path: Path, state_dict:
     assert isinstance(single, DeepLabV2)
     eps = {m.eps for m in single.modules() if hasattr(m, "running_var")}
     assert eps == {1e-3}
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096 + 5])
+def test_sha256_file_matches_hashlib_across_mapped_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    monkeypatch.setattr(checkpoint, "HASH_CHUNK", 4096)  # several steps, each released after hashing
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    assert checkpoint.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
