@@ -75,8 +75,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def file_record(path: str | Path) -> dict[str, Any]:
-    """Manifest entry of an input file: its path as given, sha256 and size."""
-    return {"path": str(path), "sha256": sha256_file(path), "size": os.path.getsize(path)}
+    """Manifest entry of an input file: its absolute path (verify reuses it from any folder), sha256 and size."""
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "size": os.path.getsize(path)}
 
 
 def library_versions() -> dict[str, str | None]:

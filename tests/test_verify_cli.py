@@ -188,3 +188,36 @@ def test_step_input_of_a_wrong_shape_is_named_even_when_not_compared(case: TinyC
     wrong = _rewrite_reference(case, tmp_path / "wrong.h5", res2a_branch2a=branch2a[:, :2])
     message = _bad(["--checkpoint", case.checkpoint, "--reference", wrong, "--blobs", "res2a_branch2b"])
     assert "res2a_branch2a (1, 2, 17, 18)" in message and "'res2a_branch2b'" in message
+
+
+def test_sources_recorded_in_the_manifest_are_found_from_another_folder(
+    case: TinyCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = _copy_checkpoint(case, tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)  # the conversion ran elsewhere: recorded paths are absolute
+    code, _, err = _run("--checkpoint", "ck", "--report-dir", tmp_path / "rep")
+    assert code == 0, err
+
+
+def test_a_source_changed_since_conversion_is_refused_before_any_reference(case: TinyCase, tmp_path: Path) -> None:
+    checkpoint = _copy_checkpoint(case, tmp_path / "ck")
+    source = tmp_path / "changed.caffemodel"
+    source.write_bytes(case.files.caffemodel.read_bytes() + b"\x00")
+    manifest = read_manifest(checkpoint)
+    update_manifest(checkpoint, "inputs", {**manifest["inputs"], "caffemodel": {
+        **manifest["inputs"]["caffemodel"], "path": str(source)}})
+    code, _, err = _run("--checkpoint", checkpoint, "--report-dir", tmp_path / "rep")
+    assert code == 2 and "changed since the checkpoint was converted" in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_bad_device_and_unwritable_report_folder_are_bad_input_not_parity_failures(
+    case: TinyCase, tmp_path: Path
+) -> None:
+    checkpoint = _copy_checkpoint(case, tmp_path / "ck")
+    code, _, err = _run("--checkpoint", checkpoint, "--device", "bogus", "--report-dir", tmp_path / "rep")
+    assert code == 2 and "--device 'bogus'" in err and not (tmp_path / "rep").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = _run("--checkpoint", checkpoint, "--reference", case.reference, "--report-dir", blocker / "rep")
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from converter.atomic import write_atomic
 from converter.checkpoint import read_checkpoint, sha256_file
 from converter.deeplab_names import config_from_state_dict
 from converter.errors import CaffeError
 from converter.reader import read_prototxt
 from models.deeplab import ResNetConfig
 from verify.activations import read_activations
-from verify.compare import ModelSpec, verify_state_dict
+from verify.compare import ModelSpec, torch_device, verify_state_dict
 from verify.opencv_reference import default_feed, produce_opencv_reference
 from verify.report import summary_line, write_report
 from verify.verdict import parity_record, record_parity
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Verify, report, record; returns the exit code (CaffeError propagates for bad input)."""
     started = time.perf_counter()
+    torch_device(args.device)  # a bad --device fails before any reference is produced
     checkpoint_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     state_dict, manifest = read_checkpoint(args.checkpoint)
     spec = _model_spec(manifest, state_dict)
@@ -99,8 +101,8 @@ def _head_replaced(manifest: dict[str, Any]) -> bool:
 def _produce_reference(args: argparse.Namespace, manifest: dict[str, Any], checkpoint_dir: Path, report_dir: Path) -> Path:
     """Run the OpenCV oracle on the checkpoint's (or the given) Caffe files into the report folder."""
     inputs = manifest.get("inputs") or {}
-    caffemodel = args.caffemodel or _recorded_path(inputs.get("caffemodel"))
-    prototxt = args.prototxt or _recorded_path(inputs.get("prototxt"))
+    caffemodel = args.caffemodel or _recorded_source(inputs.get("caffemodel"), "caffemodel")
+    prototxt = args.prototxt or _recorded_source(inputs.get("prototxt"), "prototxt")
     if caffemodel is None:
         raise CaffeError("no --reference, and the manifest names no source caffemodel: give --caffemodel",
                          path=checkpoint_dir)
@@ -109,8 +111,7 @@ def _produce_reference(args: argparse.Namespace, manifest: dict[str, Any], check
         text = manifest.get("prototxt_text")
         if not text:
             raise CaffeError("no --prototxt, and the manifest holds no net definition", path=checkpoint_dir)
-        prototxt = report_dir / "net.prototxt"
-        prototxt.write_text(text, encoding="utf-8")
+        prototxt = write_atomic(report_dir / "net.prototxt", lambda path: path.write_text(text, encoding="utf-8"))
     for path, what in ((caffemodel, "caffemodel"), (prototxt, "prototxt")):
         if not path.is_file():
             raise CaffeError(f"{what} does not exist (needed to produce the OpenCV reference)", path=path)
@@ -120,8 +121,17 @@ def _produce_reference(args: argparse.Namespace, manifest: dict[str, Any], check
     return produce_opencv_reference(prototxt, caffemodel, feeds, out)
 
 
-def _recorded_path(record: dict[str, Any] | None) -> Path | None:
-    return None if not record else Path(record["path"])
+def _recorded_source(record: dict[str, Any] | None, what: str) -> Path | None:
+    """A source file the manifest names, checked to be the very file that was converted."""
+    if not record:
+        return None
+    path = Path(record["path"])
+    if not path.is_file():
+        raise CaffeError(f"{what} the checkpoint was converted from does not exist (give --{what})", path=path)
+    if sha256_file(path) != record["sha256"]:
+        raise CaffeError(f"{what} changed since the checkpoint was converted (sha256 differs from the manifest's); "
+                         f"give --{what} or --reference", path=path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,5 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except CaffeError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # e.g. a report folder that cannot be created: bad input, not a parity failure
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -111,7 +111,7 @@ def verify_state_dict(
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    torch_device = _device(device)
+    target = torch_device(device)
     names = _requested(reference, blobs)
     mapping = blob_map(spec.config, reference.order, reference.prototxt)
     mapped = [n for n in names if n in mapping]
@@ -129,25 +129,25 @@ def verify_state_dict(
             path=reference.path,
         )
     data = _input(reference)
-    model = load_model(state_dict, spec, multi_scale=mapping.multi_scale, source=source).to(torch_device)
+    model = load_model(state_dict, spec, multi_scale=mapping.multi_scale, source=source).to(target)
     timings["load"] = time.perf_counter() - clock
 
-    with _exact_float32(torch_device):
+    with _exact_float32(target):
         clock = time.perf_counter()
-        value32 = _capture(model, data.to(torch_device), mapping, compared, reference)
+        value32 = _capture(model, data.to(target), mapping, compared, reference)
         timings["float32 forward"] = time.perf_counter() - clock
         _check_shapes(value32, reference)
 
         clock = time.perf_counter()
         model64 = copy.deepcopy(model).to(torch.float64)
-        noise = _float64_noise(model64, data.to(torch_device), mapping, compared, value32)
+        noise = _float64_noise(model64, data.to(target), mapping, compared, value32)
         timings["float64 forward"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         available = set(reference.order) | set(reference.inputs)
         steps = {s.output: s for s in forced_steps(model, spec.config, mapping, available)}
         steps64 = {s.output: s for s in forced_steps(model64, spec.config, mapping, available)}
-        blobs_read = ReferenceBlobs(reference, torch_device)
+        blobs_read = ReferenceBlobs(reference, target)
         end_to_end, teacher = {}, {}
         for name in compared:  # forward order: a step's inputs were mostly read just before
             ref = blobs_read.get(name)
@@ -164,9 +164,9 @@ def verify_state_dict(
         elif name in end_to_end:
             rows.append(_row(name, shape, end_to_end[name], noise[name], teacher.get(name)))
     drift_info: dict[str, dict[str, float]] = {}
-    if torch_device.type == "cuda" if drift is None else drift:
+    if target.type == "cuda" if drift is None else drift:
         clock = time.perf_counter()
-        drift_info = _drift(model, data.to(torch_device), mapping, spec.config, compared, reference)
+        drift_info = _drift(model, data.to(target), mapping, spec.config, compared, reference)
         timings["drift (information)"] = time.perf_counter() - clock
     verdict = FAIL if any(row.failed for row in rows) else PASS
     log.info("verification %s: %d blobs, %d teacher-forced", verdict, len(end_to_end), len(teacher))
@@ -176,8 +176,8 @@ def verify_state_dict(
         scheme=SCHEME,
         producer=reference.producer,
         reference_path=str(reference.path),
-        device=_device_name(torch_device),
-        dtype="float32 (TF32 off)" if torch_device.type == "cuda" else "float32",
+        device=_device_name(target),
+        dtype="float32 (TF32 off)" if target.type == "cuda" else "float32",
         scope=scope,
         not_in_reference=not_in_reference,
         not_mapped=not_mapped,
@@ -355,13 +355,16 @@ def _exact_float32(device: torch.device) -> contextlib.AbstractContextManager[No
     return _tf32(False) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _device(name: str) -> torch.device:
+def torch_device(name: str) -> torch.device:
+    """The device `--device` names; CaffeError when it is not a name or not present here."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise CaffeError(f"--device {name!r}: not a device name (cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaffeError("--device cuda: no CUDA device is available to this PyTorch build")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CaffeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
