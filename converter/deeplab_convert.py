@@ -29,7 +29,7 @@ from converter.deeplab_names import (
     name_map,
     tower_copy_names,
 )
-from converter.errors import CaffeError
+from converter.errors import CaffeError, listed
 from converter.netdesc import Layer, Net
 from converter.reader import release_pages
 from models.deeplab import CAFFE_STAGES, ASPPHead, ResNetBackbone, ResNetConfig, caffe_block_name
@@ -117,8 +117,8 @@ def net_bn_eps(net: Net) -> float:
             eps = float(str(np.float32(layer.param.batch_norm_param.eps)))
             by_eps.setdefault(eps, layer.name)
     if len(by_eps) > 1:
-        listed = ", ".join(f"{eps:g} (e.g. layer '{name}')" for eps, name in by_eps.items())
-        raise CaffeError(f"BatchNorm layers use different eps: {listed}; the model has one eps", path=net.path)
+        shown = ", ".join(f"{eps:g} (e.g. layer '{name}')" for eps, name in by_eps.items())
+        raise CaffeError(f"BatchNorm layers use different eps: {shown}; the model has one eps", path=net.path)
     return next(iter(by_eps), DEFAULT_BN_EPS)
 
 
@@ -297,8 +297,13 @@ def convert_deeplab(
         used_layers.update(tower_copy_names(name, head_name))
     unused = [layer.name for layer in net.layers if layer.blobs and layer.name not in used_layers]
     if unused:
-        shown = ", ".join(unused[:8]) + (f" (+{len(unused) - 8} more)" if len(unused) > 8 else "")
-        raise CaffeError(f"layers with weights the DeepLab-v2 map does not use: {shown}", path=net.path)
+        raise CaffeError(f"layers with weights the DeepLab-v2 map does not use: {listed(unused, 8)}", path=net.path)
+    if net.ignored_layers:  # one-to-one: weights the definition cannot place are an error, not a silent drop
+        raise CaffeError(
+            f"the weights hold layers the net definition lacks: {listed(list(net.ignored_layers), 8)}; "
+            "give the prototxt the weights were trained with, or convert the caffemodel alone",
+            path=net.path,
+        )
 
     # Zero-copy: the reader's arrays are writable copy-on-write views of the mapped file.
     state_dict = {key: torch.from_numpy(arrays[key]) for key in expected}

@@ -34,6 +34,7 @@ class Net:
     inputs: Mapping[str, tuple[int, ...]]
     layers: tuple[Layer, ...]
     unknown_fields: tuple[str, ...] = ()
+    ignored_layers: tuple[str, ...] = ()  # weights layers with blobs that the net definition lacks
     _by_name: Mapping[str, Layer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

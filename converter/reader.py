@@ -363,7 +363,7 @@ def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) 
     `weights` is a binary caffemodel or Caffe HDF5 weights (by content, or a .h5/.hdf5
     name). With both files, each prototxt layer takes the blobs of the weights layer of
     the same name (the last one, when names repeat, as Caffe's CopyTrainedLayersFrom
-    leaves it); weights layers the prototxt lacks are ignored and logged. The Net's
+    leaves it); weights layers the prototxt lacks are ignored, logged and listed in `ignored_layers`. The Net's
     path is the weights file; unknown fields are prefixed with their file's name.
     """
     if weights is None and prototxt is None:
@@ -387,7 +387,7 @@ def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) 
     unknown = tuple(f"{Path(prototxt).name}: {entry}" for entry in structure.unknown_fields)
     unknown += tuple(f"{weights_path.name}: {entry}" for entry in source.unknown_fields)
     return Net(name=structure.name, path=str(weights_path), inputs=structure.inputs, layers=layers,
-               unknown_fields=unknown)
+               unknown_fields=unknown, ignored_layers=tuple(ignored))
 
 
 def net_definition_text(net: Net) -> str:

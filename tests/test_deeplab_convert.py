@@ -14,7 +14,7 @@ from converter.deeplab_convert import convert_deeplab
 from converter.deeplab_names import name_map, tower_copy_names
 from converter.errors import CaffeError
 from converter.netdesc import Layer, Net
-from converter.netspec import deeplab_net_param
+from converter.netspec import deeplab_net_param, deeplab_prototxt
 from converter.reader import load_net, parse_prototxt_text
 from converter.synthetic import calibration_image, synthetic_blobs, write_synthetic_deeplab
 from converter.wire import write_caffemodel
@@ -214,3 +214,10 @@ def test_init_net_head_is_detected_whatever_its_name(tmp_path: Path) -> None:
     assert result.head_name == "fc1_coco" and result.num_classes == 91
     assert result.coverage.tower_copies_checked == 0
     DeepLabV2(num_classes=91, config=CONFIG).load_state_dict(result.state_dict, strict=True)
+
+
+def test_weights_with_layers_the_prototxt_lacks_are_refused_so_no_tower_goes_unchecked(msc_files, tmp_path: Path) -> None:
+    single = _write_text(tmp_path / "single.prototxt", deeplab_prototxt("single_scale", CONFIG, input_size=SIZE))
+    net = load_net(weights=msc_files.caffemodel, prototxt=single)  # the MSC weights hold two more towers
+    with pytest.raises(CaffeError, match=r"the weights hold layers the net definition lacks: .*_res05"):
+        convert_deeplab(net)
