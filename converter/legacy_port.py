@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from converter.deeplab_names import config_from_state_dict, state_dict_keys
-from converter.errors import CaffeError
+from converter.errors import CaffeError, listed
 
 _BACKBONE_KEY = re.compile(
     r"(conv1\.weight|bn1\.(weight|bias|running_mean|running_var)"
@@ -31,8 +31,7 @@ _COUNTER = "num_batches_tracked"  # a training counter of PyTorch BatchNorm; the
 
 
 def _fail(message: str, keys: list[str]) -> CaffeError:
-    shown = ", ".join(sorted(keys)[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-    return CaffeError(f"{message}: {shown}")
+    return CaffeError(f"{message}: {listed(sorted(keys), 8)}")
 
 
 def _check_complete(ours: dict[str, torch.Tensor], spell: Callable[[str], str]) -> None:

@@ -31,7 +31,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from converter import wire
-from converter.errors import CaffeError
+from converter.errors import CaffeError, listed
 from converter.netdesc import Layer, Net
 from converter.schema import caffe_pb
 from converter.upgrade import upgrade_v1_layer
@@ -383,7 +383,7 @@ def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) 
     ignored = sorted(set(blobs_by_name) - {layer.name for layer in structure.layers})
     if ignored:
         log.info("%s: %d weight layers are not in %s and are ignored: %s", weights_path, len(ignored), prototxt,
-                 ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
+                 listed(ignored, 10))
     unknown = tuple(f"{Path(prototxt).name}: {entry}" for entry in structure.unknown_fields)
     unknown += tuple(f"{weights_path.name}: {entry}" for entry in source.unknown_fields)
     return Net(name=structure.name, path=str(weights_path), inputs=structure.inputs, layers=layers,

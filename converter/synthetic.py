@@ -36,6 +36,7 @@ from converter.deeplab_names import head_layer_names, name_map, tower_copy_names
 from converter.netspec import KINDS, deeplab_net_param, kind_defaults
 from converter.schema import caffe_pb
 from converter.wire import write_caffemodel
+from models.alignment import VOC_MEAN_BGR
 from models.deeplab import DeepLabV2, ResNetConfig
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ HEAD_BIAS_STD = 0.05  # non-zero so that a bias mapping error shows
 # BatchNorm layers (present in every config) where a few channels get a variance near eps.
 NEAR_EPS_LAYERS = ("bn_conv1", "bn2a_branch2b", "bn4a_branch2a", "bn5a_branch2c")
 NEAR_EPS_VAR_LOG10 = (-6.0, -4.5)
-IMAGE_MEAN_BGR = (104.008, 116.669, 122.675)
 CALIBRATION_SIZE = (321, 321)  # fixed, so the weights do not depend on the declared input size
 
 
@@ -87,7 +87,7 @@ def calibration_image(height: int, width: int, seed: int = 0) -> np.ndarray:
         right = left + rng.integers(width // 8, width // 2 + 1)
         image[:, top:bottom, left:right] = rng.uniform(0.0, 255.0, size=(3, 1, 1))
     image += rng.standard_normal((3, height, width)) * 12.0
-    image = np.clip(image, 0.0, 255.0) - np.asarray(IMAGE_MEAN_BGR).reshape(3, 1, 1)
+    image = np.clip(image, 0.0, 255.0) - np.asarray(VOC_MEAN_BGR).reshape(3, 1, 1)
     return (np.round(image * 8.0) / 8.0).astype(np.float32)[None]
 
 

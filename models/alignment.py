@@ -24,7 +24,9 @@ STEM_CONV = {"kernel": 7, "stride": 2, "pad": 3}  # conv1
 POOL1 = {"kernel": 3, "stride": 2, "pad": 1}  # pool1, MAX, ceil rounding
 STAGE_STRIDES = (1, 2, 1, 1)  # res2..res5, on branch1 and branch2a (the first 1x1 convs)
 STAGE_DILATIONS = (1, 1, 2, 4)  # res2..res5, on branch2b (3x3, pad = dilation)
-OUTPUT_STRIDE = 8
+# The release's BGR pixel mean (ImageNet), subtracted by its data layers; padding a
+# mean-subtracted input with zeros is padding the picture with this mean.
+VOC_MEAN_BGR = (104.008, 116.669, 122.675)
 
 # Interp parameters of the multi-scale net.
 DATA_RES075 = {"shrink_factor": 4, "zoom_factor": 3}

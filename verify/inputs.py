@@ -10,9 +10,8 @@ import cv2
 import numpy as np
 
 from converter.errors import CaffeError
+from models.alignment import VOC_MEAN_BGR
 
-# The DeepLab release's BGR pixel mean (ImageNet), subtracted by its data layers.
-VOC_MEAN_BGR = (104.008, 116.669, 122.675)
 
 
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
