@@ -29,7 +29,7 @@ from models.alignment import (
 from models.deeplab import ASPP_DILATIONS, ResNetConfig, caffe_block_name
 
 # Tower suffixes in the order the release's multi-scale nets list them (1, 1/2, 3/4).
-TOWER_SUFFIXES = ("", "_res05", "_res075")
+PROTOTXT_TOWER_ORDER = ("", "_res05", "_res075")
 # The release's nets spell out zero Interp padding on the multi-scale resizes (not on fc1_interp).
 _NO_PAD = {"pad_beg": 0, "pad_end": 0}
 
@@ -71,7 +71,7 @@ def deeplab_net_param(
     net.input.append("data")
     net.input_shape.add().dim.extend([1, 3, int(input_size[0]), int(input_size[1])])
     builder = _Builder(net, pb)
-    suffixes = TOWER_SUFFIXES if defaults.multi_scale else ("",)
+    suffixes = PROTOTXT_TOWER_ORDER if defaults.multi_scale else ("",)
     if defaults.multi_scale:
         builder.interp("data_res05", "data", **DATA_RES05, **_NO_PAD)
         builder.interp("data_res075", "data", **DATA_RES075, **_NO_PAD)
