@@ -134,7 +134,8 @@ def run_import_legacy(args: argparse.Namespace) -> None:
     try:
         legacy = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
-        raise CaffeError(f"cannot load as a PyTorch state dict: {error}".splitlines()[0], path=source) from None
+        # torch's own text may advise weights_only=False, which is unsafe to pass on: name the type only
+        raise CaffeError(f"not a PyTorch state dict that loads safely ({type(error).__name__})", path=source) from None
     if not isinstance(legacy, dict):
         raise CaffeError(f"holds a {type(legacy).__name__}, not a state dict", path=source)
     try:

@@ -373,6 +373,8 @@ def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) 
     weights_path = _input_file(weights)
     hdf5 = _looks_like_hdf5(weights_path) or weights_path.name.lower().endswith(_HDF5_SUFFIXES)
     if prototxt is None:
+        if hdf5 and not _looks_like_hdf5(weights_path):
+            raise CaffeError("is named like HDF5 weights but is not an HDF5 file", path=weights_path)
         if hdf5:
             raise CaffeError("HDF5 weights hold no layer definitions: give the prototxt too", path=weights_path)
         return read_caffemodel(weights_path)

@@ -422,3 +422,10 @@ def test_unreadable_file(tiny: tuple[Path, Path]) -> None:
             read_caffemodel(tiny[1])
     finally:
         tiny[1].chmod(0o644)
+
+
+def test_a_file_named_like_hdf5_weights_that_is_not_hdf5_says_so(tmp_path: Path) -> None:
+    fake = tmp_path / "w.caffemodel.h5"
+    fake.write_text("not hdf5")
+    with pytest.raises(CaffeError, match=r"w\.caffemodel\.h5: is named like HDF5 weights but is not an HDF5 file"):
+        load_net(weights=fake)
