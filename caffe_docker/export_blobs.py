@@ -281,6 +281,9 @@ def main(argv=None):
     except ExportError as error:
         print("error: %s" % error, file=sys.stderr)
         return 2
+    except (IOError, OSError) as error:  # an unwritable --out, a full disk: one line, not a traceback
+        print("error: %s: %s" % (getattr(error, "filename", None) or args.out, error.strerror or error), file=sys.stderr)
+        return 2
     print("wrote %d blobs to %s" % (len(names), args.out))
     return 0
 
