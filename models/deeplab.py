@@ -327,23 +327,31 @@ class DeepLabV2MSC(nn.Module):
 
 
 @torch.no_grad()
-def predict_scores(model: DeepLabV2MSC | DeepLabV2, image: torch.Tensor) -> torch.Tensor:
+def predict_scores(
+    model: DeepLabV2MSC | DeepLabV2, image: torch.Tensor, *, pad_to: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Class scores (N, classes, H, W) at the input's resolution, as DeepLab's test net makes them.
 
     The mean-subtracted N,3,H,W `image` is padded with zeros (the mean) at the bottom/right to
-    `prediction_input_size`, run (the fused map for the multi-scale model), zoomed x8 by
-    Caffe's Interp (fc1_interp: h + 7(h-1)) and cropped to H x W, like the test net's
-    fc1_interp followed by the evaluation's crop.
+    `pad_to` (H, W) when given, as the release's evaluation pads every VOC image to 513x513 (the
+    scaled towers then see the same sizes Caffe's did), else to `prediction_input_size`; run (the
+    fused map for the multi-scale model), zoomed x8 by Caffe's Interp (fc1_interp: h + 7(h-1))
+    and cropped to H x W, like the test net's fc1_interp followed by the evaluation's crop.
     """
     height, width = image.shape[-2:]
-    padded_height, padded_width = prediction_input_size(height), prediction_input_size(width)
-    out = model(F.pad(image, (0, padded_width - width, 0, padded_height - height)))
+    if pad_to is None:
+        pad_to = (prediction_input_size(height), prediction_input_size(width))
+    elif pad_to[0] < height or pad_to[1] < width:
+        raise ValueError(f"pad_to {pad_to[0]}x{pad_to[1]} is smaller than the image {height}x{width}")
+    out = model(F.pad(image, (0, pad_to[1] - width, 0, pad_to[0] - height)))
     scores = out.fused if isinstance(out, MSCOutputs) else out
     zoomed_height = interp_axis_size(scores.shape[-2], TEST_ZOOM)
     zoomed_width = interp_axis_size(scores.shape[-1], TEST_ZOOM)
     return caffe_interp(scores, zoomed_height, zoomed_width)[..., :height, :width]
 
 
-def predict_labels(model: DeepLabV2MSC | DeepLabV2, image: torch.Tensor) -> torch.Tensor:
+def predict_labels(
+    model: DeepLabV2MSC | DeepLabV2, image: torch.Tensor, *, pad_to: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Per-pixel class indices (N, H, W, int64): the argmax of `predict_scores`."""
-    return predict_scores(model, image).argmax(dim=1)
+    return predict_scores(model, image, pad_to=pad_to).argmax(dim=1)

@@ -233,6 +233,19 @@ def test_predict_scores_zooms_by_8_and_crops_like_the_test_net():
     assert torch.equal(labels, scores.argmax(dim=1))
 
 
+def test_predict_scores_pads_to_a_fixed_size_like_the_release_evaluation():
+    model = _randomized(DeepLabV2MSC(4, TINY), seed=4)
+    x = _image(1, 3, 50, 37, seed=3)
+    padded = torch.zeros(1, 3, 97, 97)  # the evaluation pads every image to one size (513 for VOC)
+    padded[..., :50, :37] = x
+    with torch.no_grad():
+        expected = caffe_interp(model(padded).fused, 97, 97)[..., :50, :37]
+    assert torch.equal(predict_scores(model, x, pad_to=(97, 97)), expected)
+    assert not torch.equal(predict_scores(model, x), expected)  # 65x65 padding feeds the towers other sizes
+    with pytest.raises(ValueError, match="smaller than the image"):
+        predict_scores(model, x, pad_to=(33, 33))
+
+
 def test_predict_scores_works_with_the_single_scale_net():
     model = _randomized(DeepLabV2(4, TINY), seed=5)
     x = _image(1, 3, 10, 12, seed=4)
