@@ -20,14 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import safetensors.torch
 import torch
 
 from converter.atomic import temporary_beside, write_atomic
-from converter.errors import CaffeError, listed
-from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
+from converter.errors import CaffeError
 
 log = logging.getLogger(__name__)
 
@@ -251,44 +250,3 @@ def update_manifest(out_dir: str | Path, key: str, value: Any) -> dict[str, Any]
     manifest[key] = value
     write_atomic(out / MANIFEST_FILE, lambda path: _write_json(path, manifest))
     return manifest
-
-
-def load_weights_strictly(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | Path) -> None:
-    """Load `state_dict` into `model` exactly; a CaffeError naming `source` lists every missing,
-    unexpected and wrongly shaped key (in model order, so the first one is telling)."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    wrong = [
-        f"{key} {tuple(state_dict[key].shape)} != model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
-    ]
-    problems = [
-        f"{what} {listed(keys)}"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
-        if keys
-    ]
-    if problems:
-        raise CaffeError("checkpoint does not fit the model: " + "; ".join(problems), path=source)
-    model.load_state_dict(dict(state_dict), strict=True)
-
-
-def build_model(
-    manifest: dict[str, Any], state_dict: dict[str, torch.Tensor], *, msc: bool = True, source: str | Path = "checkpoint"
-) -> torch.nn.Module:
-    """The model a manifest describes (multi-scale or single-scale), weights loaded strictly, in eval mode."""
-    entry = manifest["model"]
-    if entry.get("arch") != ARCH:
-        raise CaffeError(f"manifest describes arch {entry.get('arch')!r}, expected {ARCH!r}", path=source)
-    config = ResNetConfig(**entry["config"])
-    model_class = DeepLabV2MSC if msc else DeepLabV2
-    model = model_class(num_classes=entry["num_classes"], config=config, bn_eps=entry["bn_eps"])
-    load_weights_strictly(model, state_dict, source=source)
-    return model.eval()
-
-
-def load_model(path: str | Path, *, msc: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Read a checkpoint (folder or file) and build its model; returns (model, manifest)."""
-    state_dict, manifest = read_checkpoint(path)
-    return build_model(manifest, state_dict, msc=msc, source=path), manifest

@@ -13,8 +13,6 @@ import torch
 
 from converter import checkpoint
 from converter.checkpoint import (
-    build_model,
-    load_model,
     new_manifest,
     read_checkpoint,
     sha256_file,
@@ -22,6 +20,7 @@ from converter.checkpoint import (
     write_checkpoint,
 )
 from converter.errors import CaffeError
+from converter.loading import build_model, load_model
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 
 CONFIG = ResNetConfig.tiny()

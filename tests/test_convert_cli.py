@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from converter.checkpoint import load_model, read_checkpoint, sha256_file
+from converter.checkpoint import read_checkpoint, sha256_file
+from converter.loading import load_model
 from converter.cli import main
 from converter.netspec import deeplab_net_param
 from converter.synthetic import synthetic_blobs, write_synthetic_deeplab

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from converter.checkpoint import load_weights_strictly
+from converter.loading import load_weights_strictly
 from converter.errors import CaffeError, listed
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig, caffe_blocks
 from verify.activations import ActivationsFile
