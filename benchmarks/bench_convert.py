@@ -39,13 +39,13 @@ import torch
 import converter.cli
 from benchmarks.memory import Measurement, measure
 from converter.checkpoint import MANIFEST_FILE, file_record, read_checkpoint, sha256_file, write_checkpoint
-from converter.deeplab_names import tower_copy_names
-from converter.netdesc import Layer, Net
-from converter.netspec import deeplab_net_param, deeplab_prototxt, kind_defaults
-from converter.reader import iter_hdf5_weights
-from converter.schema import caffe_pb
-from converter.synthetic import CONFIGS, synthetic_blobs, write_synthetic_deeplab
-from converter.wire import write_hdf5_weights
+from converter.deeplab.names import tower_copy_names
+from converter.caffe.netdesc import Layer, Net
+from converter.synthetic.netspec import deeplab_net_param, deeplab_prototxt, kind_defaults
+from converter.caffe.hdf5 import iter_hdf5_weights
+from converter.caffe.schema import caffe_pb
+from converter.synthetic.weights import CONFIGS, synthetic_blobs, write_synthetic_deeplab
+from converter.caffe.hdf5 import write_hdf5_weights
 from models.deeplab import DeepLabV2, ResNetConfig
 
 _MODULE = "benchmarks.bench_convert"  # children import the methods by this name, even when run as __main__

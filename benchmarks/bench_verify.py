@@ -21,9 +21,10 @@ from typing import Sequence
 
 import torch
 
-from converter.deeplab_convert import convert_deeplab
-from converter.reader import load_net, read_prototxt
-from converter.synthetic import CONFIGS, FILE_NAMES, write_synthetic_deeplab
+from converter.deeplab.convert import convert_deeplab
+from converter.caffe.load import load_net
+from converter.caffe.prototxt import read_prototxt
+from converter.synthetic.weights import CONFIGS, FILE_NAMES, write_synthetic_deeplab
 from verify.activations import read_activations
 from verify.compare import ModelSpec, load_model, verify_state_dict
 from verify.opencv_reference import default_feed, produce_opencv_reference

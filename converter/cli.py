@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import torch
 
 from converter.checkpoint import CheckpointPaths, file_record, new_manifest, write_checkpoint
-from converter.deeplab_convert import convert_deeplab
-from converter.deeplab_names import config_from_state_dict
+from converter.deeplab.convert import convert_deeplab
+from converter.deeplab.names import config_from_state_dict
 from converter.errors import CaffeError
-from converter.legacy_port import from_legacy, to_legacy
-from converter.reader import load_net, net_definition_text
-from converter.surgery import SurgeryReport, head_classes, replace_head
+from converter.deeplab.legacy_port import from_legacy, to_legacy
+from converter.caffe.load import load_net, net_definition_text
+from converter.deeplab.surgery import SurgeryReport, head_classes, replace_head
 
 log = logging.getLogger(__name__)
 

@@ -131,7 +131,7 @@ def test_update_manifest_sets_a_field_atomically(tmp_path: Path, state_dict: dic
 
 
 def test_legacy_export_is_listed_and_a_later_plain_write_removes_it(tmp_path: Path, state_dict: dict) -> None:
-    from converter.legacy_port import to_legacy
+    from converter.deeplab.legacy_port import to_legacy
 
     paths = write_checkpoint(tmp_path, state_dict, _manifest(), legacy_state_dict=to_legacy(state_dict))
     assert paths.legacy is not None and paths.legacy.is_file()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from converter.deeplab_names import name_map
+from converter.deeplab.names import name_map
 from models.deeplab import DeepLabV2MSC, ResNetConfig, caffe_msc_blob_taps
 from verify.activations import read_activations, write_activations
 from verify.budget import ErrorStats, Tolerance, error_stats

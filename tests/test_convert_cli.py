@@ -13,9 +13,9 @@ import torch
 from converter.checkpoint import read_checkpoint, sha256_file
 from converter.loading import load_model
 from converter.cli import main
-from converter.netspec import deeplab_net_param
-from converter.synthetic import synthetic_blobs, write_synthetic_deeplab
-from converter.wire import write_caffemodel
+from converter.synthetic.netspec import deeplab_net_param
+from converter.synthetic.weights import synthetic_blobs, write_synthetic_deeplab
+from converter.caffe.wire import write_caffemodel
 from models.deeplab import DeepLabV2MSC, ResNetConfig
 
 CONFIG = ResNetConfig.tiny()
@@ -71,8 +71,8 @@ def test_convert_records_the_eps_of_the_prototxt_in_use(release, tmp_path: Path,
 
 
 def test_hdf5_weights_convert_like_the_binary_caffemodel(release, tmp_path: Path, capsys) -> None:
-    from converter.reader import read_caffemodel
-    from converter.wire import write_hdf5_weights
+    from converter.caffe.caffemodel import read_caffemodel
+    from converter.caffe.hdf5 import write_hdf5_weights
 
     net = read_caffemodel(release["caffemodel"])
     h5 = tmp_path / "train_iter_20000.caffemodel.h5"

@@ -10,14 +10,15 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from converter.deeplab_convert import convert_deeplab
-from converter.deeplab_names import name_map, tower_copy_names
+from converter.deeplab.convert import convert_deeplab
+from converter.deeplab.names import name_map, tower_copy_names
 from converter.errors import CaffeError
-from converter.netdesc import Layer, Net
-from converter.netspec import deeplab_net_param, deeplab_prototxt
-from converter.reader import load_net, parse_prototxt_text
-from converter.synthetic import calibration_image, synthetic_blobs, write_synthetic_deeplab
-from converter.wire import write_caffemodel
+from converter.caffe.netdesc import Layer, Net
+from converter.synthetic.netspec import deeplab_net_param, deeplab_prototxt
+from converter.caffe.load import load_net
+from converter.caffe.prototxt import parse_prototxt_text
+from converter.synthetic.weights import calibration_image, synthetic_blobs, write_synthetic_deeplab
+from converter.caffe.wire import write_caffemodel
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 
 CONFIG = ResNetConfig.tiny()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter.deeplab_names import (
+from converter.deeplab.names import (
     caffe_block_name,
     config_from_state_dict,
     name_map,
@@ -59,7 +59,7 @@ def test_tower_copies_take_the_suffix_before_the_head_branch_number() -> None:
 
 
 def test_release_msc_prototxt_has_every_mapped_layer_and_its_tower_copies(shared_reference: Path) -> None:
-    from converter.reader import read_prototxt
+    from converter.caffe.prototxt import read_prototxt
 
     net = read_prototxt(shared_reference / "deeplab_v2" / "voc12_resnet101_msc_test_seed_513.prototxt")
     for layer in {row.layer for row in name_map(ResNetConfig.resnet101(), "fc1_voc12")}:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from converter.errors import CaffeError
-from converter.legacy_port import from_legacy, to_legacy
+from converter.deeplab.legacy_port import from_legacy, to_legacy
 from models.deeplab import DeepLabV2, ResNetConfig
 
 BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from converter.netspec import deeplab_net_param, deeplab_prototxt
-from converter.reader import parse_prototxt_text
+from converter.synthetic.netspec import deeplab_net_param, deeplab_prototxt
+from converter.caffe.prototxt import parse_prototxt_text
 from models.deeplab import ASPP_DILATIONS, ResNetConfig
 
 PLACEHOLDERS = {"${NUM_LABELS}": "21", "${EXP}": "voc12"}

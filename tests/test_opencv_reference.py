@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from converter.errors import CaffeError
-from converter.reader import parse_prototxt_text, read_prototxt
-from converter.wire import write_caffemodel
+from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
+from converter.caffe.wire import write_caffemodel
 from models.interp import caffe_interp, caffe_interp_size
 from verify.activations import read_activations
 from verify.inputs import caffe_preprocess, synthetic_image
@@ -297,7 +297,7 @@ def test_interp_pads_are_refused(tmp_path: Path, msc_files) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_deeplab(tmp_path_factory):
-    from converter.synthetic import write_synthetic_deeplab
+    from converter.synthetic.weights import write_synthetic_deeplab
     from models.deeplab import ResNetConfig
 
     return write_synthetic_deeplab(tmp_path_factory.mktemp("deeplab"), "msc_test", ResNetConfig.tiny(),

@@ -10,18 +10,14 @@ import numpy as np
 import pytest
 
 from converter.errors import CaffeError
-from converter.reader import (
-    iter_hdf5_weights,
-    load_net,
-    net_definition_text,
-    parse_prototxt_text,
-    read_caffemodel,
-    read_hdf5_weights,
-    read_prototxt,
-    release_pages,
-)
-from converter.schema import caffe_pb
-from converter.wire import write_caffemodel, write_hdf5_weights
+from converter.caffe.caffemodel import read_caffemodel
+from converter.caffe.files import release_pages
+from converter.caffe.hdf5 import iter_hdf5_weights, read_hdf5_weights
+from converter.caffe.load import load_net, net_definition_text
+from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
+from converter.caffe.schema import caffe_pb
+from converter.caffe.hdf5 import write_hdf5_weights
+from converter.caffe.wire import write_caffemodel
 
 PROTOTXT = """
 name: "tiny"

@@ -10,9 +10,11 @@ import pytest
 from google.protobuf import text_format
 
 from converter.errors import CaffeError
-from converter.reader import load_net, parse_prototxt_text, read_caffemodel, read_prototxt
-from converter.schema import caffe_pb
-from converter.wire import write_caffemodel
+from converter.caffe.caffemodel import read_caffemodel
+from converter.caffe.load import load_net
+from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
+from converter.caffe.schema import caffe_pb
+from converter.caffe.wire import write_caffemodel
 from conftest import SHARED_REFERENCE
 
 CAFFEMODELS = sorted(SHARED_REFERENCE.glob("caffe_models/*/*.caffemodel")) + sorted(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pool
 
-from converter.schema import caffe_pb, messages_from_descriptor, proto_to_descriptor
+from converter.caffe.schema import caffe_pb, messages_from_descriptor, proto_to_descriptor
 
 # Deliberate differences from the DeepLab-v2 fork's caffe.proto (documented in caffe.proto's header).
 FORK_DIFFERENCES = {
@@ -81,7 +81,7 @@ def test_messages_round_trip_through_bytes() -> None:
 
 def test_schema_agrees_with_the_deeplab_fork_proto_on_every_shared_field(shared_reference: Path) -> None:
     fork = proto_to_descriptor((shared_reference / "deeplab_v2" / "deeplab_v2_caffe.proto").read_text(), "fork.proto")
-    ours = proto_to_descriptor(resources.files("converter").joinpath("caffe.proto").read_text(), "caffe.proto")
+    ours = proto_to_descriptor(resources.files("converter.caffe").joinpath("caffe.proto").read_text(), "caffe.proto")
     fork_messages = {m.name: {f.name: f for f in m.field} for m in fork.message_type}
     compared = 0
     for message in ours.message_type:

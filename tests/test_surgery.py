@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from converter.errors import CaffeError
-from converter.surgery import replace_head
+from converter.deeplab.surgery import replace_head
 from models.deeplab import DeepLabV2, ResNetConfig
 
 

@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from converter.deeplab_names import name_map
-from converter.netspec import deeplab_net_param
-from converter.reader import load_net, read_caffemodel
-from converter.schema import caffe_pb
-from converter.synthetic import (
-    CALIBRATION_SIZE,
-    NEAR_EPS_LAYERS,
-    calibration_image,
-    main,
-    write_synthetic_deeplab,
-)
+from converter.deeplab.names import name_map
+from converter.synthetic.netspec import deeplab_net_param
+from converter.caffe.caffemodel import read_caffemodel
+from converter.caffe.load import load_net
+from converter.caffe.schema import caffe_pb
+from converter.synthetic.weights import CALIBRATION_SIZE, NEAR_EPS_LAYERS, calibration_image, main, write_synthetic_deeplab
 from models.deeplab import DeepLabV2, ResNetConfig, caffe_blob_taps
 
 TINY = ResNetConfig.tiny()

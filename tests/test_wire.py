@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from converter import wire
+from converter.caffe import wire
 from converter.errors import CaffeError
-from converter.reader import read_caffemodel, read_hdf5_weights
-from converter.schema import caffe_pb
+from converter.caffe.caffemodel import read_caffemodel
+from converter.caffe.hdf5 import read_hdf5_weights, write_hdf5_weights
+from converter.caffe.schema import caffe_pb
 
 
 def _net(*layers: tuple[str, str]):
@@ -252,7 +253,7 @@ def test_unwritable_output_folder_is_one_caffe_error(tmp_path: Path) -> None:
 def test_hdf5_weights_round_trip_in_caffe_layout(tmp_path: Path) -> None:
     path = tmp_path / "w.caffemodel.h5"
     blobs = {"conv": [np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2), np.ones(2, np.float32)]}
-    wire.write_hdf5_weights(path, blobs)
+    write_hdf5_weights(path, blobs)
     with h5py.File(path, "r") as h5:
         assert sorted(h5["data/conv"].keys()) == ["0", "1"]
         assert h5["data/conv/0"].chunks is None
@@ -262,5 +263,5 @@ def test_hdf5_weights_round_trip_in_caffe_layout(tmp_path: Path) -> None:
 
 def test_hdf5_writer_accepts_a_lazy_iterable(tmp_path: Path) -> None:
     path = tmp_path / "w.h5"
-    wire.write_hdf5_weights(path, ((f"l{i}", [np.full(3, i, np.float32)]) for i in range(3)))
+    write_hdf5_weights(path, ((f"l{i}", [np.full(3, i, np.float32)]) for i in range(3)))
     assert [layer.name for layer in read_hdf5_weights(path).layers] == ["l0", "l1", "l2"]

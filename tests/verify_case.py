@@ -19,8 +19,9 @@ import torch
 from converter.checkpoint import read_checkpoint
 from converter.cli import main as convert_main
 from converter.errors import CaffeError
-from converter.reader import load_net, read_prototxt
-from converter.synthetic import SyntheticFiles, write_synthetic_deeplab
+from converter.caffe.load import load_net
+from converter.caffe.prototxt import read_prototxt
+from converter.synthetic.weights import SyntheticFiles, write_synthetic_deeplab
 from models.deeplab import ResNetConfig
 from verify.activations import read_activations
 from verify.compare import ModelSpec, verify_state_dict

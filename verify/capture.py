@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from converter.reader import parse_prototxt_text
+from converter.caffe.prototxt import parse_prototxt_text
 from models.deeplab import DEFAULT_HEAD_NAME, MSC_TOWER_SUFFIXES, ResNetConfig, caffe_blob_taps, caffe_msc_blob_taps
 from models.interp import caffe_interp, caffe_interp_size
 

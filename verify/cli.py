@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 from converter.atomic import write_atomic
 from converter.checkpoint import read_checkpoint, sha256_file
-from converter.deeplab_names import config_from_state_dict
+from converter.deeplab.names import config_from_state_dict
 from converter.errors import CaffeError
-from converter.reader import read_prototxt
+from converter.caffe.prototxt import read_prototxt
 from models.deeplab import ResNetConfig
 from verify.activations import read_activations
 from verify.compare import ModelSpec, torch_device, verify_state_dict

@@ -27,8 +27,8 @@ import numpy as np
 from google.protobuf import text_format
 
 from converter.errors import CaffeError
-from converter.netdesc import Net
-from converter.reader import parse_prototxt_text, read_prototxt
+from converter.caffe.netdesc import Net
+from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
 from models.interp import caffe_interp_size
 from verify.activations import write_activations
 from verify.inputs import caffe_preprocess, load_image, synthetic_image

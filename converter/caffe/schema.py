@@ -1,4 +1,4 @@
-"""Caffe's message classes, built at run time from converter/caffe.proto.
+"""Caffe's message classes, built at run time from converter/caffe/caffe.proto.
 
 No protoc and no generated `caffe_pb2`: generated modules are tied to the protobuf
 release that produced them and break on newer runtimes. Instead a small parser turns
@@ -260,5 +260,5 @@ def caffe_pb() -> SimpleNamespace:
     Built once per process from the caffe.proto shipped in this package. Nested enums and
     their values are class attributes (`caffe_pb().PoolingParameter.MAX`), as with protoc output.
     """
-    text = resources.files("converter").joinpath("caffe.proto").read_text(encoding="utf-8")
+    text = resources.files("converter.caffe").joinpath("caffe.proto").read_text(encoding="utf-8")
     return messages_from_descriptor(proto_to_descriptor(text, "caffe.proto"))

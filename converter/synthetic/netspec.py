@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from converter.schema import caffe_pb
+from converter.caffe.schema import caffe_pb
 from models.alignment import (
     DATA_RES05,
     DATA_RES075,

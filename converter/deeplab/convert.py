@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from converter.deeplab_names import (
+from converter.deeplab.names import (
     LAYER_TYPE_OF_KIND,
     TOWER_SUFFIXES,
     BlobRow,
@@ -30,8 +30,8 @@ from converter.deeplab_names import (
     tower_copy_names,
 )
 from converter.errors import CaffeError, listed
-from converter.netdesc import Layer, Net
-from converter.reader import release_pages
+from converter.caffe.netdesc import Layer, Net
+from converter.caffe.files import release_pages
 from models.deeplab import CAFFE_STAGES, ASPPHead, ResNetBackbone, ResNetConfig, caffe_block_name
 
 log = logging.getLogger(__name__)

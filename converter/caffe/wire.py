@@ -7,8 +7,8 @@ becoming an `np.frombuffer` view of the buffer, so a 530 MB file is neither copi
 Python bytes nor expanded into protobuf's per-element containers.
 
 Writing: `write_caffemodel` streams a NetParameter layer by layer in the byte layout Caffe
-itself produces; `write_hdf5_weights` writes Caffe's `.caffemodel.h5` layout. Both write a
-temporary file beside the target and rename it into place, so a failure leaves nothing there.
+itself produces, to a temporary file beside the target renamed into place, so a failure leaves
+nothing there. (Caffe's HDF5 weights are read and written in converter/caffe/hdf5.py.)
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import h5py
 import numpy as np
 
 from converter.atomic import write_atomic
@@ -35,7 +34,6 @@ __all__ = [
     "scan_net",
     "unknown_fields",
     "write_caffemodel",
-    "write_hdf5_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -458,25 +456,3 @@ def _blob_parts(array: np.ndarray) -> tuple[bytes, np.ndarray, bytes]:
         shape = _key(1, LENGTH) + _encode_varint(len(dims)) + dims
         suffix = _key(_BLOB_SHAPE, LENGTH) + _encode_varint(len(shape)) + shape
     return prefix, data, suffix
-
-
-def write_hdf5_weights(
-    path: str | os.PathLike[str],
-    blobs: Mapping[str, Sequence[np.ndarray]] | Iterable[tuple[str, Sequence[np.ndarray]]],
-) -> None:
-    """Write Caffe's HDF5 weights layout (`/data/<layer>/<i>`, float32, contiguous), atomically.
-
-    `blobs` may be a mapping or an iterable of (layer name, arrays) pairs; each dataset is
-    written as it comes, so a lazy iterable writes a file larger than memory.
-    """
-    items = blobs.items() if isinstance(blobs, Mapping) else blobs
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as h5:
-            data = h5.create_group("data")
-            for name, arrays in items:
-                group = data.create_group(name)
-                for i, array in enumerate(arrays):
-                    group.create_dataset(str(i), data=np.asarray(array, dtype="<f4"))
-
-    write_atomic(path, write)

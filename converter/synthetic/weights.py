@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,10 @@ from google.protobuf import text_format
 
 from converter.atomic import write_atomic
 from converter.checkpoint import sha256_file
-from converter.deeplab_names import head_layer_names, name_map, tower_copy_names
-from converter.netspec import KINDS, deeplab_net_param, kind_defaults
-from converter.schema import caffe_pb
-from converter.wire import write_caffemodel
+from converter.deeplab.names import head_layer_names, name_map, tower_copy_names
+from converter.synthetic.netspec import KINDS, deeplab_net_param, kind_defaults
+from converter.caffe.schema import caffe_pb
+from converter.caffe.wire import write_caffemodel
 from models.alignment import VOC_MEAN_BGR
 from models.deeplab import DeepLabV2, ResNetConfig
 
@@ -284,6 +283,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prototxt: {files.prototxt}\ncaffemodel: {files.caffemodel}\nsha256: {files.sha256}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

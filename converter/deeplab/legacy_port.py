@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from converter.deeplab_names import config_from_state_dict, state_dict_keys
+from converter.deeplab.names import config_from_state_dict, state_dict_keys
 from converter.errors import CaffeError, listed
 
 _BACKBONE_KEY = re.compile(

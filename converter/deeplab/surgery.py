@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from converter.deeplab_names import HEAD_BRANCHES
+from converter.deeplab.names import HEAD_BRANCHES
 from converter.errors import CaffeError
 
 HEAD_PREFIX = "aspp."

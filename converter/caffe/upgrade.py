@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from converter.errors import CaffeError
-from converter.schema import caffe_pb
+from converter.caffe.schema import caffe_pb
 
 __all__ = ["V1_TYPE_NAMES", "upgrade_v1_layer"]
 

@@ -1,0 +1,1 @@
+"""Synthetic DeepLab-v2 fixtures: the net definitions (netspec) and deterministic caffemodels (weights)."""
