@@ -1,0 +1,819 @@
+"""Fine-tune DeepLab-v2 exactly as the Caffe release's solver did: `python -m segmentation train` / `make train`.
+
+Defaults are the official VOC12 solver and data layer (DESIGN.md, "Facts of Caffe's solver"): SGD
+momentum 0.9 kept across updates, base_lr 2.5e-4 with poly 0.9 over 20000 updates, weight decay 5e-4,
+head x10 / x20 (no decay on biases), frozen BatchNorm, effective batch 10 (batch per forward x iter_size
+x world size), random scale / mirror / crop 321, four SoftmaxWithLoss terms. Every departure is an option.
+
+Data order and augmentation are functions of (seed, slot) where slot = update * effective_batch + j:
+a slot's sample comes from a per-pass permutation (Caffe reshuffles at every wrap) and its augmentation
+from a Generator seeded with (seed, slot). Crops therefore do not depend on the world size or on the
+batch split, and a resumed run sees exactly the data the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from converter.atomic import write_atomic
+from converter.checkpoint import (
+    SAFETENSORS_FILE,
+    file_record,
+    new_manifest,
+    read_checkpoint,
+    sha256_file,
+    write_checkpoint,
+)
+from converter.errors import CaffeError, listed
+from converter.loading import build_model
+from models.deeplab import DeepLabV2MSC
+from segmentation.data import Sample, check_pair, read_image, read_label, read_list
+from segmentation.distributed import Dist, init_distributed, resolve_device
+from segmentation.losses import LOSS_NAMES, deeplab_losses
+from segmentation.solver import CaffeSGD, SolverConfig, param_groups, parse_defines, read_solver
+from segmentation.train_net import TrainNet, default_train_net, read_train_net
+from segmentation.train_speed import fold_frozen_batchnorm
+from segmentation.transforms import DEFAULT_CROP, TransformParams, transform
+from segmentation.voc import NUM_CLASSES
+from verify.verdict import MANIFEST_KEY as PARITY_KEY
+from verify.verdict import describe_parity
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+DEFAULT_EFFECTIVE_BATCH = 10  # Caffe: batch_size 1 x iter_size 10
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "log.csv"
+CURVE_FILE = "loss_curve.png"
+LOG_COLUMNS = ("update", "lr", "total_loss", *LOSS_NAMES, "images_per_s")
+SNAPSHOT_PREFIX = "iter_"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Fast paths; none changes the arithmetic of the solver, only rounding and speed."""
+
+    bf16: bool = False  # autocast the forward to bfloat16 (losses in float32)
+    channels_last: bool = False
+    fold_bn: bool = False  # frozen BatchNorm+Scale as one multiply-add
+    compile: bool = False  # torch.compile the model
+    workers: int = 0  # data-loader worker processes
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run is defined by (recorded in every snapshot's manifest and trainer state)."""
+
+    data: str
+    list: str
+    solver: SolverConfig
+    train_net: dict[str, Any]
+    batch_size: int
+    iter_size: int
+    world_size: int
+    num_classes: int = NUM_CLASSES
+    seed: int = 0
+    image_dir: str = "JPEGImages"
+    label_dir: str = "SegmentationClassAug"
+    image_ext: str = ".jpg"
+    label_ext: str = ".png"
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.iter_size * self.world_size
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["effective_batch"] = self.effective_batch
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        values = {k: v for k, v in data.items() if k != "effective_batch"}
+        values["solver"] = SolverConfig(**values["solver"])
+        values["speed"] = SpeedOptions(**values["speed"])
+        return cls(**values)
+
+
+def derive_iter_size(effective_batch: int, batch_size: int, world_size: int) -> int:
+    """iter_size such that batch x iter_size x world = effective batch; a non-dividing split is an error."""
+    per_step = batch_size * world_size
+    if batch_size < 1 or effective_batch < 1 or effective_batch % per_step:
+        raise CaffeError(
+            f"effective batch {effective_batch} is not a multiple of batch size {batch_size} x world size {world_size}"
+            f" (choose --batch-size among {listed([str(d) for d in _divisors(effective_batch // world_size)])})"
+            if effective_batch % world_size == 0
+            else f"effective batch {effective_batch} is not a multiple of the world size {world_size}"
+        )
+    return effective_batch // per_step
+
+
+def _divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
+
+
+def transform_params(train_net: dict[str, Any]) -> TransformParams:
+    """The TransformParams recorded in a config's train_net entry."""
+    return TransformParams(
+        crop_height=train_net["crop"][0],
+        crop_width=train_net["crop"][1],
+        mirror=train_net["mirror"],
+        mean_bgr=tuple(train_net["mean_bgr"]),  # type: ignore[arg-type]
+        scale_factors=tuple(train_net["scale_factors"]),
+        value_scale=train_net["value_scale"],
+        ignore_label=train_net["ignore_label"],
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def slot_sample(slot: int, num_samples: int, seed: int) -> int:
+    """The sample index of a global slot: pass p = slot // n is a permutation seeded by (seed, p)."""
+    pass_index, position = divmod(slot, num_samples)
+    return int(np.random.default_rng([seed, pass_index, 0x5EED]).permutation(num_samples)[position])
+
+
+class TrainSlots(Dataset):
+    """Indexed by global slot: the slot's sample, augmented with a Generator seeded by (seed, slot)."""
+
+    def __init__(self, samples: Sequence[Sample], params: TransformParams, num_classes: int, seed: int) -> None:
+        self.samples = list(samples)
+        self.params = params
+        self.num_classes = num_classes
+        self.seed = seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sample_index(self, slot: int) -> int:
+        pass_index, position = divmod(slot, len(self.samples))
+        order = self._permutations.get(pass_index)
+        if order is None:
+            order = np.random.default_rng([self.seed, pass_index, 0x5EED]).permutation(len(self.samples))
+            self._permutations = {pass_index: order}  # keep one pass: slots arrive in order
+        return int(order[position])
+
+    def __getitem__(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.samples[self.sample_index(slot)]
+        image = read_image(sample.image)
+        label = read_label(sample.label, self.num_classes)
+        check_pair(image, label, sample)
+        rng = np.random.default_rng([self.seed, slot])
+        data, crop_label = transform(image, label, self.params, rng)
+        return torch.from_numpy(data), torch.from_numpy(crop_label)
+
+
+class SlotSampler(Sampler[int]):
+    """The slots this rank reads, in the order it consumes them: per update, per micro-step, per batch item.
+
+    Micro-step i of rank r reads slots (i * world + r) * batch + b of the update, b < batch.
+    """
+
+    def __init__(self, start_update: int, stop_update: int, *, batch_size: int, iter_size: int, world_size: int, rank: int) -> None:
+        self.start, self.stop = start_update, stop_update
+        self.batch_size, self.iter_size = batch_size, iter_size
+        self.world_size, self.rank = world_size, rank
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.iter_size * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        effective = self.batch_size * self.iter_size * self.world_size
+        for update in range(self.start, self.stop):
+            for step in range(self.iter_size):
+                first = update * effective + (step * self.world_size + self.rank) * self.batch_size
+                yield from range(first, first + self.batch_size)
+
+
+def _check_sample(sample: Sample, num_classes: int) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    label = read_label(sample.label, num_classes)
+    try:
+        with Image.open(sample.image) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError) as error:
+        raise CaffeError(f"cannot read the image: {error}", path=sample.image) from None
+    if (height, width) != label.shape:
+        raise CaffeError(f"image is {width}x{height} but its label {sample.label} is {label.shape[1]}x{label.shape[0]}", path=sample.image)
+
+
+def check_dataset(samples: Sequence[Sample], num_classes: int, *, workers: int = 8, progress: bool = True) -> None:
+    """Read every label (values in range) and every image header (size equal to the label's) before training."""
+    unlabelled = [str(sample.image) for sample in samples if sample.label is None]
+    if unlabelled:
+        raise CaffeError(f"{len(unlabelled)} listed images have no label: {listed(unlabelled)}")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        checks = pool.map(lambda sample: _check_sample(sample, num_classes), samples)
+        for _ in tqdm(checks, total=len(samples), desc="checking data", unit="img", disable=not progress, leave=False):
+            pass
+
+
+def get_dataset(config: TrainConfig, *, check: bool = True, progress: bool = True) -> TrainSlots:
+    """The training slots of a config's list: files checked (all missing reported), labels and sizes verified."""
+    samples = read_list(
+        config.list,
+        config.data,
+        image_dir=config.image_dir,
+        label_dir=config.label_dir,
+        image_ext=config.image_ext,
+        label_ext=config.label_ext,
+    )
+    if check:
+        check_dataset(samples, config.num_classes, progress=progress)
+    return TrainSlots(samples, transform_params(config.train_net), config.num_classes, config.seed)
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: TrainSlots, sampler: SlotSampler, *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader yielding the rank's micro-batches in slot order (workers keep the order)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        drop_last=False,
+    )
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def snapshot_dir(out: Path, update: int) -> Path:
+    return out / f"{SNAPSHOT_PREFIX}{update}"
+
+
+def parent_record(parent_path: Path, parent_manifest: dict[str, Any]) -> dict[str, Any]:
+    """The parent checkpoint as a snapshot's manifest records it: file, sha256, parity record."""
+    return {
+        "checkpoint": str(parent_path.resolve()),
+        "weights": file_record(parent_path / SAFETENSORS_FILE),
+        "parity": parent_manifest.get(PARITY_KEY),
+        "created": parent_manifest.get("created"),
+    }
+
+
+def inherited_parity(parent: dict[str, Any]) -> dict[str, Any] | None:
+    """The parent's parity record, its scope naming that it is the parent's (so describe_parity says so)."""
+    record = parent.get("parity")
+    if not record:
+        return None
+    scope = record.get("scope", "full")
+    sha = parent["weights"]["sha256"][:12]
+    return {**record, "scope": f"{scope}; verdict of the parent checkpoint {sha} this snapshot was trained from"}
+
+
+def save_snapshot(
+    out: Path,
+    update: int,
+    model: torch.nn.Module,
+    optimizer: CaffeSGD,
+    config: TrainConfig,
+    parent: dict[str, Any],
+    parent_manifest: dict[str, Any],
+) -> Path:
+    """Write OUT/iter_<update>/ atomically: the checkpoint files plus trainer_state.pt, vouched for by the manifest.
+
+    Everything is written into a hidden sibling folder that is renamed into place when complete, so an
+    interrupted run leaves its earlier snapshots intact and never a half-written one under iter_<N>.
+    """
+    final = snapshot_dir(out, update)
+    partial = out / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    state = {
+        "update": update,
+        "optimizer": optimizer.state_dict(),
+        "config": config.to_json(),
+        "rng": {"torch": torch.get_rng_state()},
+        "data_order": {"seed": config.seed, "next_slot": update * config.effective_batch},
+    }
+    torch.save(state, partial / STATE_FILE)
+    manifest = new_manifest(
+        inputs={"parent_checkpoint": parent["weights"]},
+        prototxt_text=parent_manifest.get("prototxt_text"),
+        model={key: value for key, value in parent_manifest["model"].items() if key != "arch"},
+        surgery=None,
+        coverage=None,
+    )
+    manifest[PARITY_KEY] = inherited_parity(parent)
+    manifest["parent"] = parent
+    manifest["training"] = {"update": update, "config": config.to_json()}
+    manifest["trainer_state"] = {"file": STATE_FILE, "sha256": sha256_file(partial / STATE_FILE)}
+    manifest["preprocessing"] = {"mean_bgr": list(config.train_net["mean_bgr"])}
+    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    write_checkpoint(partial, state_dict, manifest)
+    if final.exists():
+        stale = out / f".{final.name}.replaced"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    return final
+
+
+def read_trainer_state(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The trainer state of a snapshot folder, checked against the sha256 its manifest records."""
+    entry = manifest.get("trainer_state")
+    path = folder / STATE_FILE
+    if not entry or not path.is_file():
+        raise CaffeError("not a training snapshot (no trainer_state.pt): --resume takes an OUT/iter_<N> folder", path=folder)
+    if sha256_file(path) != entry.get("sha256"):
+        raise CaffeError("trainer_state.pt does not match the sha256 in manifest.json", path=path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """OUT/log.csv (one row per update), TensorBoard where installed; rows are flushed per update."""
+
+    def __init__(self, out: Path, start_update: int, enabled: bool) -> None:
+        self.path = out / LOG_FILE
+        self.enabled = enabled
+        self.stream: io.TextIOBase | None = None
+        self.board = None
+        if not enabled:
+            return
+        kept: list[dict[str, str]] = []
+        if start_update and self.path.exists():
+            with open(self.path, newline="") as stream:
+                kept = [row for row in csv.DictReader(stream) if int(row["update"]) < start_update]
+        write_atomic(self.path, lambda path: _write_rows(path, kept))
+        self.stream = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.stream, fieldnames=LOG_COLUMNS)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            log.info("tensorboard is not installed: no TensorBoard log (log.csv has every value)")
+
+    def add(self, row: dict[str, float]) -> None:
+        if not self.enabled or self.stream is None:
+            return
+        self.writer.writerow({key: row[key] for key in LOG_COLUMNS})
+        self.stream.flush()
+        if self.board is not None:
+            for key in LOG_COLUMNS[1:]:
+                self.board.add_scalar(f"train/{key}", row[key], int(row["update"]))
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    """The rows of a log.csv as floats."""
+    with open(path, newline="") as stream:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(stream)]
+
+
+def plot_loss_curve(log_path: Path, out_png: Path) -> Path | None:
+    """A PNG of the total loss and the four terms per update (None when the log has no rows)."""
+    rows = read_log(log_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    updates = [row["update"] for row in rows]
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    axis.plot(updates, [row["total_loss"] for row in rows], label="total_loss", linewidth=2)
+    for name in LOSS_NAMES:
+        axis.plot(updates, [row[name] for row in rows], label=name, linewidth=0.8, alpha=0.8)
+    axis.set_xlabel("update")
+    axis.set_ylabel("loss")
+    axis.set_title("DeepLab-v2 training loss (SoftmaxWithLoss, VALID)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    write_atomic(out_png, lambda path: figure.savefig(path, format="png", dpi=100))
+    plt.close(figure)
+    return out_png
+
+
+# --------------------------------------------------------------------------- the update loop
+
+
+def train_one_update(
+    model: torch.nn.Module,
+    optimizer: CaffeSGD,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rate: float,
+    iter_size: int,
+    ignore_label: int,
+    device: torch.device,
+    speed: SpeedOptions,
+    sync_context: Any = None,
+) -> torch.Tensor:
+    """One Caffe `Solver::Step`: iter_size forward/backward passes accumulating gradients, then ApplyUpdate.
+
+    Returns the sums over the passes of the four loss terms (a tensor of 4, on `device`).
+    `sync_context()` (DDP's no_sync) wraps all passes but the last.
+    """
+    sums = torch.zeros(len(LOSS_NAMES), device=device)
+    memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
+    for step in range(iter_size):
+        data, label = next(batches)
+        data = data.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        label = label.to(device, non_blocking=True).long()
+        last = step == iter_size - 1
+        context = sync_context() if (sync_context is not None and not last) else contextlib.nullcontext()
+        with context:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=speed.bf16):
+                outputs = model(data)
+            losses = deeplab_losses(outputs, label, ignore_label)
+            losses.total().backward()
+        sums += torch.stack([term.detach() for term in losses])
+    optimizer.step(rate)
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+@dataclass
+class RunResult:
+    """What a run did: updates done, the last snapshot, first and last total loss."""
+
+    start_update: int
+    end_update: int
+    snapshot: Path | None
+    first_loss: float | None
+    last_loss: float | None
+
+
+def train(
+    model: DeepLabV2MSC,
+    config: TrainConfig,
+    *,
+    out: Path,
+    device: torch.device,
+    place: Dist,
+    parent: dict[str, Any],
+    parent_manifest: dict[str, Any],
+    start_update: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    stop_after: int | None = None,
+    dataset: TrainSlots | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Run updates start_update .. min(max_iter, stop_after) - 1, snapshotting every `solver.snapshot` and at the end."""
+    solver = config.solver
+    stop = solver.max_iter if stop_after is None else min(solver.max_iter, stop_after)
+    dataset = dataset or get_dataset(config, progress=progress and place.main)
+    model.to(device)
+    if config.speed.fold_bn:
+        fold_frozen_batchnorm(model)
+    if config.speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = CaffeSGD(
+        param_groups(model, {k: tuple(v) for k, v in config.train_net["mults"].items()}),
+        momentum=solver.momentum,
+        weight_decay=solver.weight_decay,
+        iter_size=config.iter_size,
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    runner: torch.nn.Module = model
+    sync_context = None
+    if place.world_size > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+        sync_context = runner.no_sync
+    if config.speed.compile:
+        runner = torch.compile(runner)
+    sampler = SlotSampler(
+        start_update, stop, batch_size=config.batch_size, iter_size=config.iter_size, world_size=place.world_size, rank=place.rank
+    )
+    loader = make_loader(
+        dataset, sampler, batch_size=config.batch_size, workers=config.speed.workers, pin_memory=device.type == "cuda"
+    )
+    batches = iter(loader)
+    run_log = RunLog(out, start_update, enabled=place.main)
+    snapshot = None
+    first_loss = last_loss = None
+    bar = tqdm(range(start_update, stop), desc="train", unit="update", disable=not (progress and place.main), initial=0)
+    try:
+        for update in bar:
+            rate = solver.rate(update)
+            started = time.perf_counter()
+            sums = train_one_update(
+                runner,
+                optimizer,
+                batches,
+                rate=rate,
+                iter_size=config.iter_size,
+                ignore_label=config.train_net["ignore_label"],
+                device=device,
+                speed=config.speed,
+                sync_context=sync_context,
+            )
+            if place.world_size > 1:
+                dist.all_reduce(sums)
+            terms = (sums / (config.iter_size * place.world_size)).tolist()
+            elapsed = time.perf_counter() - started
+            row = {
+                "update": update,
+                "lr": rate,
+                "total_loss": sum(terms),
+                **dict(zip(LOSS_NAMES, terms)),
+                "images_per_s": config.effective_batch / elapsed,
+            }
+            if not all(math.isfinite(value) for value in terms):
+                raise CaffeError(f"update {update}: the loss is not finite ({terms}); lower the learning rate")
+            first_loss = row["total_loss"] if first_loss is None else first_loss
+            last_loss = row["total_loss"]
+            run_log.add(row)
+            bar.set_postfix(loss=f"{row['total_loss']:.4f}", lr=f"{rate:.3g}", img_s=f"{row['images_per_s']:.1f}")
+            done = update + 1
+            if done < stop and solver.snapshot and done % solver.snapshot == 0:
+                snapshot = _snapshot(out, done, model, optimizer, config, parent, parent_manifest, place)
+        if stop > start_update or snapshot is None:
+            snapshot = _snapshot(out, stop, model, optimizer, config, parent, parent_manifest, place)
+    finally:
+        bar.close()
+        run_log.close()
+    if place.main and (out / LOG_FILE).exists():
+        plot_loss_curve(out / LOG_FILE, out / CURVE_FILE)
+    return RunResult(start_update, stop, snapshot, first_loss, last_loss)
+
+
+def _snapshot(out: Path, update: int, model, optimizer, config, parent, parent_manifest, place: Dist) -> Path:
+    path = snapshot_dir(out, update)
+    if place.main:
+        save_snapshot(out, update, model, optimizer, config, parent, parent_manifest)
+        log.info("snapshot %s", path)
+    if place.world_size > 1:
+        dist.barrier()
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m segmentation train",
+        description="Fine-tune DeepLab-v2 as the Caffe release's solver did (defaults: the VOC12 solver and data layer).",
+    )
+    io_group = parser.add_argument_group("inputs and outputs")
+    io_group.add_argument("--checkpoint", help="checkpoint folder to start from (e.g. the converted init)")
+    io_group.add_argument("--data", help="dataset root (Caffe: image_data_param.root_folder)")
+    io_group.add_argument("--list", help="list file (Caffe: image_data_param.source): '/JPEGImages/x.jpg /Seg/x.png' lines or ids")
+    io_group.add_argument("--out", required=True, help="output folder: iter_<N>/ snapshots, log.csv, loss_curve.png")
+    io_group.add_argument("--resume", help="continue exactly from a snapshot folder OUT/iter_<N>")
+    io_group.add_argument("--image-dir", default="JPEGImages", help="image folder for id lists")
+    io_group.add_argument("--label-dir", default="SegmentationClassAug", help="label folder for id lists")
+    io_group.add_argument("--image-ext", default=".jpg", help="image extension for id lists")
+    io_group.add_argument("--label-ext", default=".png", help="label extension for id lists")
+    io_group.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes of the dataset (Caffe: num_output of fc1_*)")
+    io_group.add_argument("--allow-unverified", action="store_true", help="train from a checkpoint whose parity verification FAILED")
+    caffe = parser.add_argument_group("Caffe files")
+    caffe.add_argument("--solver", help="Caffe solver.prototxt (SolverParameter)")
+    caffe.add_argument("--train-net", help="Caffe train prototxt: transform_param, param lr_mult/decay_mult, loss ignore_label")
+    caffe.add_argument("--define", action="append", default=[], metavar="NAME=VALUE", help="substitute ${NAME} in the Caffe files")
+    solver = parser.add_argument_group("solver (override the solver file / the release's values)")
+    solver.add_argument("--base-lr", type=float, help="Caffe: base_lr (2.5e-4)")
+    solver.add_argument("--power", type=float, help="Caffe: power of lr_policy poly (0.9)")
+    solver.add_argument("--momentum", type=float, help="Caffe: momentum (0.9)")
+    solver.add_argument("--weight-decay", type=float, help="Caffe: weight_decay (5e-4)")
+    solver.add_argument("--max-iter", type=int, help="Caffe: max_iter, updates (20000): the poly horizon and the stop")
+    solver.add_argument("--snapshot", type=int, help="Caffe: snapshot, updates between snapshots (0: at the end only)")
+    solver.add_argument("--stop-after", type=int, help="stop after this many updates in all, schedule unchanged")
+    solver.add_argument("--effective-batch", type=int, help="images per update (Caffe: batch_size x iter_size; 10)")
+    solver.add_argument("--batch-size", type=int, help="images per forward (Caffe: batch_size; default 1 on CPU, all on GPU)")
+    solver.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation (Caffe: random_seed)")
+    data = parser.add_argument_group("data layer (override the train net / the release's values)")
+    data.add_argument("--crop-size", type=int, help=f"Caffe: transform_param.crop_size ({DEFAULT_CROP}; must be 32k+1)")
+    data.add_argument("--no-mirror", action="store_true", help="Caffe: transform_param.mirror false")
+    data.add_argument("--scale-factors", type=float, nargs="+", help="Caffe: transform_param.scale_factors (0.5 0.75 1 1.25 1.5)")
+    data.add_argument("--mean-bgr", type=float, nargs=3, help="Caffe: transform_param.mean_value (104.008 116.669 122.675)")
+    speed = parser.add_argument_group("speed (defaults: on for CUDA, off on CPU)")
+    speed.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    speed.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast of the forward")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format")
+    speed.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, help="frozen BatchNorm+Scale as one multiply-add")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    speed.add_argument("--workers", type=int, help="data-loader worker processes (default: 8 on CUDA, 2 on CPU)")
+    return parser
+
+
+def _solver_config(args: argparse.Namespace, defines: dict[str, str]) -> SolverConfig:
+    solver = read_solver(args.solver, defines) if args.solver else SolverConfig()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("base_lr", "power", "momentum", "weight_decay", "max_iter", "snapshot")
+        if getattr(args, name) is not None
+    }
+    return replace(solver, **overrides)
+
+
+def _train_net(args: argparse.Namespace, model: DeepLabV2MSC, defines: dict[str, str]) -> TrainNet:
+    net = read_train_net(args.train_net, model, model.config, defines) if args.train_net else default_train_net(model)
+    transform = net.transform
+    changes: dict[str, Any] = {}
+    if args.crop_size is not None:
+        changes.update(crop_height=args.crop_size, crop_width=args.crop_size)
+    if args.no_mirror:
+        changes["mirror"] = False
+    if args.scale_factors is not None:
+        changes["scale_factors"] = tuple(args.scale_factors)
+    if args.mean_bgr is not None:
+        changes["mean_bgr"] = tuple(args.mean_bgr)
+    return replace(net, transform=replace(transform, **changes)) if changes else net
+
+
+def _speed(args: argparse.Namespace, device: torch.device) -> SpeedOptions:
+    on_gpu = device.type == "cuda"
+
+    def choose(value: bool | None) -> bool:
+        return on_gpu if value is None else value
+
+    workers = args.workers if args.workers is not None else (8 if on_gpu else 2)
+    if workers < 0:
+        raise CaffeError(f"--workers must be >= 0, got {workers}")
+    return SpeedOptions(
+        bf16=choose(args.bf16),
+        channels_last=choose(args.channels_last),
+        fold_bn=choose(args.fold_bn),
+        compile=choose(args.compile),
+        workers=workers,
+    )
+
+
+def _check_parity(manifest: dict[str, Any], allow_unverified: bool) -> str:
+    """Print the parent's verdict; refuse a FAILED one unless allowed."""
+    line = describe_parity(manifest)
+    record = manifest.get(PARITY_KEY)
+    if record and record.get("verdict") != "pass" and not allow_unverified:
+        raise CaffeError(f"{line}; refusing to train from it (pass --allow-unverified to override)")
+    return line
+
+
+def _plan_new_run(args: argparse.Namespace, place: Dist, device: torch.device):
+    for name in ("checkpoint", "data", "list"):
+        if not getattr(args, name):
+            raise CaffeError(f"--{name} is required (unless --resume)")
+    checkpoint = Path(args.checkpoint)
+    state_dict, parent_manifest = read_checkpoint(checkpoint)
+    parity_line = _check_parity(parent_manifest, args.allow_unverified)
+    model = build_model(parent_manifest, state_dict, source=checkpoint)
+    if model.num_classes != args.num_classes:
+        raise CaffeError(
+            f"checkpoint has {model.num_classes} classes but the dataset has {args.num_classes} (--num-classes); "
+            "convert the init with --classes to replace the head",
+            path=checkpoint,
+        )
+    defines = parse_defines(args.define)
+    solver = _solver_config(args, defines)
+    net = _train_net(args, model, defines)
+    effective = args.effective_batch or net.batch_size * solver.iter_size or DEFAULT_EFFECTIVE_BATCH
+    if args.batch_size is not None:
+        batch_size = args.batch_size
+    else:
+        batch_size = effective // place.world_size if device.type == "cuda" and effective % place.world_size == 0 else 1
+    iter_size = derive_iter_size(effective, batch_size, place.world_size)
+    config = TrainConfig(
+        data=str(Path(args.data).resolve()),
+        list=str(Path(args.list).resolve()),
+        solver=replace(solver, iter_size=iter_size),
+        train_net=net.to_json(),
+        batch_size=batch_size,
+        iter_size=iter_size,
+        world_size=place.world_size,
+        num_classes=args.num_classes,
+        seed=args.seed,
+        image_dir=args.image_dir,
+        label_dir=args.label_dir,
+        image_ext=args.image_ext,
+        label_ext=args.label_ext,
+        speed=_speed(args, device),
+    )
+    parent = parent_record(checkpoint, parent_manifest)
+    return model, config, parent, parent_manifest, parity_line, 0, None
+
+
+def _plan_resume(args: argparse.Namespace, place: Dist, device: torch.device):
+    folder = Path(args.resume)
+    state_dict, manifest = read_checkpoint(folder)
+    state = read_trainer_state(folder, manifest)
+    config = TrainConfig.from_json(state["config"])
+    if config.world_size != place.world_size and config.effective_batch % place.world_size == 0:
+        # Slots do not depend on the split, so another world size continues the same schedule.
+        batch = config.batch_size if args.batch_size is None else args.batch_size
+        iter_size = derive_iter_size(config.effective_batch, batch, place.world_size)
+        config = replace(config, batch_size=batch, iter_size=iter_size, world_size=place.world_size,
+                         solver=replace(config.solver, iter_size=iter_size))
+    if args.workers is not None:
+        config = replace(config, speed=replace(config.speed, workers=args.workers))
+    if args.max_iter is not None and args.max_iter != config.solver.max_iter:
+        raise CaffeError("--max-iter cannot change on resume: it is the poly horizon of the run", path=folder)
+    parent = manifest["parent"]
+    parity_line = describe_parity(manifest)
+    model = build_model(manifest, state_dict, source=folder)
+    torch.set_rng_state(state["rng"]["torch"])
+    return model, config, parent, manifest, parity_line, int(state["update"]), state["optimizer"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m segmentation train ...`; exit 2 with one line on bad input, before any training."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        requested = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+        place = init_distributed("cuda" if requested.startswith("cuda") else "cpu")
+        device = resolve_device(args.device, place)
+        if args.stop_after is not None and args.stop_after < 1:
+            raise CaffeError(f"--stop-after must be >= 1, got {args.stop_after}")
+        plan = _plan_resume if args.resume else _plan_new_run
+        model, config, parent, parent_manifest, parity_line, start, optimizer_state = plan(args, place, device)
+        out = Path(args.out)
+        if place.main:
+            print(parity_line)
+            if not (parent_manifest.get(PARITY_KEY) or parent.get("parity")):
+                print("warning: the starting checkpoint was never verified against Caffe", file=sys.stderr)
+            print(
+                f"effective batch {config.effective_batch} = batch {config.batch_size} x iter_size {config.iter_size}"
+                f" x world {config.world_size}; base_lr {config.solver.base_lr:g} {config.solver.lr_policy}"
+                f" over {config.solver.max_iter} updates; device {device}"
+            )
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise CaffeError(f"cannot create the output folder: {error.strerror or error}", path=out) from None
+        dataset = get_dataset(config, progress=place.main)
+        result = train(
+            model,
+            config,
+            out=out,
+            device=device,
+            place=place,
+            parent=parent,
+            parent_manifest=parent_manifest,
+            start_update=start,
+            optimizer_state=optimizer_state,
+            stop_after=args.stop_after,
+            dataset=dataset,
+        )
+    except CaffeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if place.main:
+        losses = "" if result.first_loss is None else f"; total loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
+        print(f"trained updates {result.start_update}..{result.end_update - 1}{losses}; snapshot {result.snapshot}")
+    return 0
