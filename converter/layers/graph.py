@@ -20,6 +20,7 @@ back in Caffe's order and shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class LayerInfo:
     """One kept layer as built: what `inspect` prints and the manifest records."""
 
     name: str
+    key: str  # the module key: layer_key(name), plus `%23<n>` for the n-th repeat of a name
     type: str
     bottoms: tuple[str, ...]
     tops: tuple[str, ...]
@@ -75,6 +77,7 @@ class LayerInfo:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "key": self.key,
             "type": self.type,
             "bottoms": list(self.bottoms),
             "tops": list(self.tops),
@@ -283,7 +286,7 @@ class _Builder:
             raise self.error(f"--input-shape names {unknown}, which are not inputs of the net (inputs: {list(self.inputs)})")
         ties, owned = self._tie_shared(has_weights)
         infos = [
-            LayerInfo(**{**info.__dict__, "parameters": owned.get(info.name, 0), "shared": self._shared.get(info.name, ())})
+            dataclasses.replace(info, parameters=owned.get(info.key, 0), shared=self._shared.get(info.key, ()))
             for _, info in self.kept
         ]
         used_inputs = {name: shape for name, shape in self.inputs.items() if name in self.consumed}
@@ -335,8 +338,10 @@ class _Builder:
         if not layer.name:
             raise self.error(f"a {layer.type} layer has no name")
         key = layer_key(layer.name)
-        if key in self.modules:
-            raise self.error("two layers share this name", layer.name)
+        repeat = 1
+        while key in self.modules:  # Caffe allows repeated layer names (each takes the weights of that name)
+            key = f"{layer_key(layer.name)}%23{repeat}"
+            repeat += 1
         registration = converter_for(layer, self.path)
         for bottom in layer.bottoms:
             if bottom not in self.shapes:
@@ -366,6 +371,7 @@ class _Builder:
             self.producer[top] = layer.name
         info = LayerInfo(
             name=layer.name,
+            key=key,
             type=layer.type,
             bottoms=layer.bottoms,
             tops=layer.tops,
@@ -443,12 +449,12 @@ class _Builder:
 
         Returns the ties and, per layer, the number of parameter values it owns.
         """
-        owners: dict[str, tuple[Layer, int, Any]] = {}
+        owners: dict[str, tuple[Layer, str, int, Any]] = {}
         ties: list[_Tie] = []
         self._shared: dict[str, tuple[SharedParam, ...]] = {}
         owned: dict[str, int] = {}
-        for layer, _ in self.kept:
-            module = self.modules[layer_key(layer.name)]
+        for layer, info in self.kept:
+            module = self.modules[info.key]
             attrs = tuple(getattr(module, "caffe_blobs", ()))
             specs = list(layer.param.param)
             if len(specs) > len(attrs):
@@ -459,27 +465,28 @@ class _Builder:
                 if not spec.name:
                     continue
                 if spec.name not in owners:
-                    owners[spec.name] = (layer, index, spec)
+                    owners[spec.name] = (layer, info.key, index, spec)
                     continue
-                owner, owner_index, owner_spec = owners[spec.name]
-                self._check_shared(spec.name, layer, index, spec, owner, owner_index, owner_spec)
-                owner_attr = getattr(self.modules[layer_key(owner.name)], "caffe_blobs")[owner_index]
-                ties.append(_Tie(layer_key(layer.name), attrs[index], layer_key(owner.name), owner_attr))
+                owner, owner_key, owner_index, owner_spec = owners[spec.name]
+                mine = _get(module, attrs[index])
+                owner_attr = self.modules[owner_key].caffe_blobs[owner_index]
+                theirs = _get(self.modules[owner_key], owner_attr)
+                self._check_shared(spec.name, (layer, index, spec, mine), (owner, owner_index, owner_spec, theirs))
+                ties.append(_Tie(info.key, attrs[index], owner_key, owner_attr))
                 tied_attrs.add(attrs[index])
                 shared.append(SharedParam(spec.name, index, owner.name))
             if has_weights and not layer.blobs and len(tied_attrs) < len(attrs):
                 raise self.error("the weights hold no blobs for this layer", layer.name)
-            owned[layer.name] = sum(_get(module, a).numel() for a in attrs if a not in tied_attrs)
+            owned[info.key] = sum(_get(module, a).numel() for a in attrs if a not in tied_attrs)
             if shared:
-                self._shared[layer.name] = tuple(shared)
+                self._shared[info.key] = tuple(shared)
         return ties, owned
 
-    def _check_shared(
-        self, name: str, layer: Layer, index: int, spec: Any, owner: Layer, owner_index: int, owner_spec: Any
-    ) -> None:
+    def _check_shared(self, name: str, here: tuple[Layer, int, Any, torch.Tensor], there: tuple[Layer, int, Any, torch.Tensor]) -> None:
+        """A shared blob's later use must match its first: shape, lr_mult, decay_mult and the stored copy."""
+        layer, index, spec, mine = here
+        owner, owner_index, owner_spec, theirs = there
         where = f"shared parameter '{name}' (blob {index}, first used by layer '{owner.name}')"
-        mine = _get(self.modules[layer_key(layer.name)], self.modules[layer_key(layer.name)].caffe_blobs[index])
-        theirs = _get(self.modules[layer_key(owner.name)], self.modules[layer_key(owner.name)].caffe_blobs[owner_index])
         if tuple(mine.shape) != tuple(theirs.shape):
             raise self.error(f"{where} has shape {tuple(mine.shape)} here but {tuple(theirs.shape)} there", layer.name)
         for field_name in ("lr_mult", "decay_mult"):
@@ -507,8 +514,8 @@ class _Builder:
             if blob not in outputs:
                 frees.setdefault(position, []).append(blob)
         return tuple(
-            Step(layer_key(layer.name), layer.bottoms, layer.tops, tuple(frees.get(position, ())))
-            for position, (layer, _) in enumerate(self.kept)
+            Step(info.key, layer.bottoms, layer.tops, tuple(frees.get(position, ())))
+            for position, (layer, info) in enumerate(self.kept)
         )
 
     def _outputs(self) -> tuple[str, ...]:
