@@ -18,6 +18,8 @@ EXIT_BAD_INPUT = 2
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("segmentation.evaluate", "score a checkpoint (or saved predictions) on a VOC-layout list: mIoU report"),
     "predict": ("segmentation.predict", "segment any photos: palette label PNGs and overlays"),
+    "train": ("segmentation.train", "fine-tune DeepLab-v2 exactly as Caffe's solver did: snapshots, log.csv"),
+    "demo-data": ("segmentation.demo_data", "write a small synthetic VOC-layout dataset"),
 }
 
 USAGE = "usage: python -m segmentation {" + ",".join(COMMANDS) + "} [options]  (each command has --help)"

@@ -165,28 +165,33 @@ def float32_decimal(value: float) -> float:
 # --------------------------------------------------------------------------- the update
 
 
-class CaffeSGD(torch.optim.Optimizer):
+class CaffeSGD:
     """Caffe's SGD update with per-parameter lr_mult / decay_mult (param group keys), rate given per step.
 
     Gradients accumulated over `iter_size` backward passes are divided by iter_size here
     (Normalize), so the losses are not pre-divided. `step(rate)` applies one Caffe ApplyUpdate.
-    The momentum history persists in `state[p]["history"]` (saved by `state_dict()`).
+    The momentum history persists across updates and travels in `state_dict()`. (A plain class:
+    torch.optim.Optimizer's constructor imports torch._dynamo, seconds per process for nothing used.)
     """
 
     def __init__(self, groups: list[dict[str, Any]], *, momentum: float, weight_decay: float, iter_size: int) -> None:
-        defaults = {"lr_mult": 1.0, "decay_mult": 1.0}
-        super().__init__(groups, defaults)
+        self.param_groups = [
+            {"params": list(group["params"]), "lr_mult": float(group.get("lr_mult", 1.0)), "decay_mult": float(group.get("decay_mult", 1.0))}
+            for group in groups
+        ]
+        self.history: list[list[torch.Tensor | None]] = [[None] * len(group["params"]) for group in self.param_groups]
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.iter_size = iter_size
 
     @torch.no_grad()
-    def step(self, rate: float) -> None:  # type: ignore[override]
+    def step(self, rate: float) -> None:
+        """One ApplyUpdate at base rate `rate`, in Caffe's order (see the module docstring)."""
         normalize = 1.0 / self.iter_size
-        for group in self.param_groups:
+        for group, histories in zip(self.param_groups, self.history):
             local_rate = rate * group["lr_mult"]
             local_decay = self.weight_decay * group["decay_mult"]
-            for param in group["params"]:
+            for index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
                 diff = param.grad
@@ -194,12 +199,50 @@ class CaffeSGD(torch.optim.Optimizer):
                     diff.mul_(normalize)  # Normalize
                 if local_decay:
                     diff.add_(param, alpha=local_decay)  # Regularize (L2)
-                state = self.state[param]
-                if "history" not in state:
-                    state["history"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                history = state["history"]
+                if histories[index] is None:
+                    histories[index] = torch.zeros_like(param)
+                history = histories[index]
                 history.mul_(self.momentum).add_(diff, alpha=local_rate)  # ComputeUpdateValue
                 param.sub_(history)  # Update
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients (the next update accumulates from zero)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    def history_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The momentum history of `param` (None before its first update)."""
+        for group, histories in zip(self.param_groups, self.history):
+            for index, candidate in enumerate(group["params"]):
+                if candidate is param:
+                    return histories[index]
+        raise KeyError("not a parameter of this solver")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Multipliers and momentum histories, group by group (CPU tensors)."""
+        return {
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "iter_size": self.iter_size,
+            "groups": [
+                {"lr_mult": group["lr_mult"], "decay_mult": group["decay_mult"], "history": [None if h is None else h.detach().cpu() for h in histories]}
+                for group, histories in zip(self.param_groups, self.history)
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the histories saved by `state_dict` for the same parameter grouping."""
+        groups = state["groups"]
+        layout = [(g["lr_mult"], g["decay_mult"], len(g["params"])) for g in self.param_groups]
+        saved = [(g["lr_mult"], g["decay_mult"], len(g["history"])) for g in groups]
+        if layout != saved:
+            raise CaffeError(f"solver state does not fit the parameters: groups {saved} != {layout}")
+        for group, histories, entry in zip(self.param_groups, self.history, groups):
+            for index, (param, history) in enumerate(zip(group["params"], entry["history"])):
+                if history is not None and history.shape != param.shape:
+                    raise CaffeError(f"solver state history {index} has shape {tuple(history.shape)}, parameter {tuple(param.shape)}")
+                histories[index] = None if history is None else history.to(param.device, param.dtype).clone()
 
 
 def param_groups(

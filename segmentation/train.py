@@ -478,7 +478,7 @@ def train_one_update(
             losses.total().backward()
         sums += torch.stack([term.detach() for term in losses])
     optimizer.step(rate)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     return sums
 
 

@@ -17,10 +17,9 @@ import torch
 
 from converter.caffe.netdesc import assemble_net
 from converter.caffe.prototxt import parse_prototxt_text
-from converter.deeplab.convert import detect_head_name
-from converter.deeplab.names import LAYER_TYPE_OF_KIND, name_map
+from converter.deeplab.names import LAYER_TYPE_OF_KIND, detect_head_name, name_map, tower_copy_names
 from converter.deeplab.surgery import HEAD_PREFIX
-from converter.errors import CaffeError
+from converter.errors import CaffeError, listed
 from models.deeplab import ResNetConfig
 from segmentation.losses import LOSS_NAMES
 from segmentation.solver import float32_decimal, read_text, substitute_defines
@@ -32,6 +31,7 @@ HEAD_WEIGHT_MULTS = (10.0, 1.0)
 HEAD_BIAS_MULTS = (20.0, 0.0)
 BACKBONE_MULTS = (1.0, 1.0)
 DATA_LAYER_TYPES = ("ImageSegData",)
+FROZEN_TYPES = ("BatchNorm", "Scale")  # the model keeps them fixed: their lr_mult must be 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def _param_mults(net: Any, config: ResNetConfig, model: torch.nn.Module, path: s
     Specs are shared by name: every layer (the three towers' copies) naming a param must give it the
     same multipliers. BatchNorm and Scale blobs must have lr_mult 0: the model keeps them frozen.
     """
-    head_name = detect_head_name(net)
+    head_name = detect_head_name((layer.name for layer in net.layers), default=None, path=path)
     by_name: dict[str, tuple[float, float, str]] = {}
     for layer in net.layers:
         for spec in layer.param.param:
@@ -155,26 +155,33 @@ def _param_mults(net: Any, config: ResNetConfig, model: torch.nn.Module, path: s
                     layer=layer.name,
                 )
     trainable = dict(model.named_parameters())
+    rows = name_map(config, head_name)
+    covered = {copy for row in rows for copy in (row.layer, *tower_copy_names(row.layer, head_name))}
+    extra = [layer.name for layer in net.layers if layer.type in FROZEN_TYPES + ("Convolution",) and layer.name not in covered]
+    if extra:
+        raise CaffeError(f"layers {listed(extra)} are not in the model: the train net does not match the model ({config})", path=path)
     mults = {}
-    for row in name_map(config, head_name):
+    for row in rows:
         if not net.has_layer(row.layer):
-            raise CaffeError(
-                f"no layer '{row.layer}': the train net does not match the model ({config})", path=path
-            )
+            raise CaffeError(f"no layer '{row.layer}': the train net does not match the model ({config})", path=path)
         layer = net.layer(row.layer)
         if layer.type != LAYER_TYPE_OF_KIND[row.kind]:
             raise CaffeError(f"expected a {LAYER_TYPE_OF_KIND[row.kind]} layer, got {layer.type}", path=path, layer=layer.name)
         specs = layer.param.param
         spec = specs[row.index] if row.index < len(specs) else None
         value = (1.0, 1.0) if spec is None else (float(spec.lr_mult), float(spec.decay_mult))
-        if row.key in trainable:
+        if layer.type in FROZEN_TYPES:
+            if value[0] != 0:
+                raise CaffeError(
+                    f"param {row.index} has lr_mult {value[0]:g}: BatchNorm and Scale are frozen in this trainer (lr_mult 0)",
+                    path=path,
+                    layer=layer.name,
+                )
+        elif row.key in trainable:
             mults[row.key] = value
-        elif value[0] != 0:
-            raise CaffeError(
-                f"param {row.index} has lr_mult {value[0]:g}: BatchNorm and Scale are frozen in this trainer (lr_mult 0)",
-                path=path,
-                layer=layer.name,
-            )
+    missing = [key for key in trainable if key not in mults]
+    if missing:
+        raise CaffeError(f"no param spec for {listed(missing)}: the train net does not match the model", path=path)
     return mults
 
 

@@ -40,7 +40,7 @@ def _run_caffe_sgd(params, grads_per_update, rates, *, mults, iter_size):
             for p, g in zip(params, grad):
                 p.grad = torch.from_numpy(g.copy()) if p.grad is None else p.grad + torch.from_numpy(g)
         optimizer.step(rate)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
     return [p.detach().numpy() for p in params]
 
 
@@ -78,7 +78,7 @@ def test_momentum_history_is_kept_across_updates_and_holds_the_rate() -> None:
         param.grad = torch.ones(1)
         optimizer.step(rate)
     # history: 1.0, then 0.9 * 1.0 + 0.5 = 1.4; w = -(1.0 + 1.4)
-    assert optimizer.state[param]["history"].item() == pytest.approx(1.4)
+    assert optimizer.history_of(param).item() == pytest.approx(1.4)
     assert param.item() == pytest.approx(-2.4)
 
 
