@@ -52,8 +52,9 @@ class CheckpointPaths:
     legacy: Path | None = None
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, hashed straight from a read-only mapping in 64 MiB steps.
+def sha256_file(path: str | Path, chunk: int = HASH_CHUNK) -> str:
+    """Hex sha256 of a file, hashed straight from a read-only mapping in `chunk`-byte steps (64 MiB;
+    a multiple of the page size).
 
     No chunk is copied into Python bytes and hashlib drops the GIL for each step, so a hash on a
     worker thread overlaps the caller's work; each step's pages are released once hashed, so
@@ -66,10 +67,10 @@ def sha256_file(path: str | Path) -> str:
             return digest.hexdigest()
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             with memoryview(mapped) as view:
-                for start in range(0, size, HASH_CHUNK):
-                    with view[start : start + HASH_CHUNK] as step:
+                for start in range(0, size, chunk):
+                    with view[start : start + chunk] as step:
                         digest.update(step)
-                    mapped.madvise(mmap.MADV_DONTNEED, start, min(HASH_CHUNK, size - start))
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(chunk, size - start))
     return digest.hexdigest()
 
 

@@ -151,8 +151,8 @@ def test_model_builds_from_the_manifest_with_its_eps(tmp_path: Path, state_dict:
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096 + 5])
-def test_sha256_file_matches_hashlib_across_mapped_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
-    monkeypatch.setattr(checkpoint, "HASH_CHUNK", 4096)  # several steps, each released after hashing
+def test_sha256_file_matches_hashlib_across_mapped_steps(tmp_path: Path, size: int) -> None:
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     (tmp_path / "f").write_bytes(data)
-    assert checkpoint.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    # 4 KiB steps: several steps, each released after hashing
+    assert checkpoint.sha256_file(tmp_path / "f", chunk=4096) == hashlib.sha256(data).hexdigest()
