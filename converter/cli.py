@@ -20,9 +20,10 @@ from converter.checkpoint import CheckpointPaths, file_record, new_manifest, wri
 from converter.deeplab.convert import convert_deeplab
 from converter.deeplab.names import config_from_state_dict
 from converter.errors import CaffeError
-from converter.deeplab.legacy_port import from_legacy, to_legacy
+from converter.deeplab.legacy_port import LEGACY_BN_EPS, from_legacy, to_legacy
 from converter.caffe.load import load_net, net_definition_text
 from converter.deeplab.surgery import SurgeryReport, head_classes, replace_head
+from models.deeplab import HEAD_WEIGHT_STD
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ RELEASE_HINT = (
     "the DeepLab-v2 release provides it (deeplab_aspp_resnet101 'prototxt_and_model' on the DeepLab-v2 "
     "project page); put it in data/, or run `make demo` for the whole pipeline on synthetic data"
 )
-LEGACY_BN_EPS = 1e-5  # the earlier port used PyTorch's BatchNorm2d default
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -81,7 +81,7 @@ def _print_surgery(report: SurgeryReport | None) -> None:
     else:
         print(
             f"surgery: dropped {len(report.dropped)} head tensors ({report.source_classes} classes), "
-            f"created {len(report.created)} for {report.num_classes} classes (gaussian std 0.01, seed {report.seed})"
+            f"created {len(report.created)} for {report.num_classes} classes (gaussian std {HEAD_WEIGHT_STD:g}, seed {report.seed})"
         )
 
 

@@ -4,12 +4,14 @@
   fixed statistics and affine, same arithmetic order as Caffe.
 - `CaffeMaxPool2d`: MAX pooling with Caffe's ceil rounding of the output size.
 - `EltwiseMax`: Caffe's Eltwise MAX, which requires equal shapes (no broadcasting).
+- `EltwiseSum`: Caffe's Eltwise SUM with optional coefficients, summed left to right.
 - `conv_output_size`, `caffe_pool_output_size`: Caffe's output-size formulas.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -87,3 +89,30 @@ class EltwiseMax(nn.Module):
         for other in inputs[1:]:
             out = torch.maximum(out, other)
         return out
+
+
+class EltwiseSum(nn.Module):
+    """Caffe Eltwise SUM: coeff[0]*x0 + coeff[1]*x1 + ..., added left to right as Caffe does
+    (float32 addition is not associative, so parity depends on the order); no broadcasting.
+
+    Without `coeffs` every coefficient is 1 and no multiplication happens, as in Caffe.
+    """
+
+    def __init__(self, coeffs: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.coeffs = None if coeffs is None else tuple(float(c) for c in coeffs)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        shapes = [tuple(t.shape) for t in inputs]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"Eltwise SUM needs inputs of one shape, got {shapes}")
+        if self.coeffs is not None and len(self.coeffs) != len(inputs):
+            raise ValueError(f"Eltwise SUM has {len(self.coeffs)} coefficients for {len(inputs)} inputs")
+        coeffs = self.coeffs or (1.0,) * len(inputs)
+        out = inputs[0] if coeffs[0] == 1 else inputs[0] * coeffs[0]
+        for coeff, other in zip(coeffs[1:], inputs[1:]):
+            out = out + other if coeff == 1 else out + other * coeff
+        return out
+
+    def extra_repr(self) -> str:
+        return "" if self.coeffs is None else f"coeffs={self.coeffs}"

@@ -9,7 +9,8 @@ State-dict layout (torchvision-like; the same for `DeepLabV2` and `DeepLabV2MSC`
 `backbone.conv1.weight`, `backbone.bn1.*`, `backbone.layer{1..4}.{i}.conv{1,2,3}.weight`,
 `backbone.layer{1..4}.{i}.bn{1,2,3}.*`, `backbone.layer{1..4}.0.downsample.{0,1}.*`,
 `aspp.branches.{0..3}.{weight,bias}`, with `*` = weight, bias, running_mean, running_var.
-layer1..layer4 are Caffe's res2..res5; `caffe_blob_taps` names the module of every blob.
+layer1..layer4 are Caffe's res2..res5; `converter.deeplab.names.caffe_blob_taps` names the
+module of every Caffe blob.
 """
 
 from __future__ import annotations
@@ -37,14 +38,11 @@ from models.alignment import (
     prediction_input_size,
     score_size,
 )
-from models.caffe_layers import CaffeMaxPool2d, EltwiseMax, FrozenBatchNormScale
+from models.caffe_layers import CaffeMaxPool2d, EltwiseMax, EltwiseSum, FrozenBatchNormScale
 from models.interp import CaffeInterp, caffe_interp
 
-CAFFE_STAGES = (2, 3, 4, 5)  # Caffe res2..res5 = layer1..layer4
 ASPP_DILATIONS = (6, 12, 18, 24)
-DEFAULT_HEAD_NAME = "fc1_voc12"
-# The multi-scale net's towers in the order DeepLabV2MSC runs them, with Caffe's blob suffix.
-MSC_TOWER_SUFFIXES = ("", "_res075", "_res05")
+HEAD_WEIGHT_STD = 0.01  # Caffe's gaussian filler of the ASPP branches fc1_*_c{0..3} in the training nets
 
 
 @dataclass(frozen=True)
@@ -77,64 +75,6 @@ class ResNetConfig:
     def out_channels(self) -> int:
         """Channels of res5 (the input of the ASPP head)."""
         return 4 * self.widths[-1]
-
-
-def caffe_block_name(stage: int, index: int) -> str:
-    """Caffe's block letter(s): res2/res5 use a, b, c, ...; res3/res4 use a, b1, b2, ... (by stage)."""
-    if stage not in CAFFE_STAGES:
-        raise ValueError(f"stage must be one of {CAFFE_STAGES}, got {stage}")
-    if stage in (2, 5):
-        return chr(ord("a") + index)
-    return "a" if index == 0 else f"b{index}"
-
-
-def caffe_blocks(config: ResNetConfig) -> list[tuple[str, str]]:
-    """(module path, Caffe block id such as "2a" or "4b22") of every block, in forward order."""
-    return [
-        (f"backbone.layer{layer}.{index}", f"{stage}{caffe_block_name(stage, index)}")
-        for layer, (stage, count) in enumerate(zip(CAFFE_STAGES, config.blocks), start=1)
-        for index in range(count)
-    ]
-
-
-def caffe_blob_taps(config: ResNetConfig, head_name: str = DEFAULT_HEAD_NAME) -> dict[str, str]:
-    """Caffe blob name -> path (relative to DeepLabV2, also valid on DeepLabV2MSC) of the module
-    whose forward output equals the blob's value when Caffe's forward ends, in forward order."""
-    taps = {"conv1": "backbone.relu", "pool1": "backbone.maxpool"}
-    for path, block in caffe_blocks(config):
-        if block[1:] == "a":
-            taps[f"res{block}_branch1"] = f"{path}.downsample.1"
-        taps[f"res{block}_branch2a"] = f"{path}.relu1"
-        taps[f"res{block}_branch2b"] = f"{path}.relu2"
-        taps[f"res{block}_branch2c"] = f"{path}.bn3"
-        taps[f"res{block}"] = f"{path}.relu_out"
-    for branch in range(len(ASPP_DILATIONS)):
-        taps[f"{head_name}_c{branch}"] = f"aspp.branches.{branch}"
-    taps[head_name] = "aspp"
-    return taps
-
-
-def caffe_msc_blob_taps(config: ResNetConfig, head_name: str = DEFAULT_HEAD_NAME) -> dict[str, tuple[str, int]]:
-    """Caffe blob name of the multi-scale net -> (module path in DeepLabV2MSC, call index).
-
-    The towers share modules, so a hook on a tower module fires once per tower: call 0 is the
-    full tower, 1 the 0.75 tower, 2 the 0.5 tower (`MSC_TOWER_SUFFIXES`). Tower blobs take the
-    suffix at the end (res2a_res075), head branches before the branch number
-    (fc1_voc12_res075_c0), as in the release's prototxts.
-    """
-    taps: dict[str, tuple[str, int]] = {"data_res075": ("data_res075", 0), "data_res05": ("data_res05", 0)}
-    head_branch = f"{head_name}_c"
-    for call, suffix in enumerate(MSC_TOWER_SUFFIXES):
-        for blob, path in caffe_blob_taps(config, head_name).items():
-            if blob.startswith(head_branch):
-                name = f"{head_name}{suffix}_c{blob[len(head_branch):]}"
-            else:
-                name = blob + suffix
-            taps[name] = (path, call)
-    taps[f"{head_name}_res075_interp"] = ("fc1_voc12_res075_interp", 0)
-    taps[f"{head_name}_res05_interp"] = ("fc1_voc12_res05_interp", 0)
-    taps["fc_fusion"] = ("fc_fusion", 0)
-    return taps
 
 
 class Bottleneck(nn.Module):
@@ -222,14 +162,12 @@ class ASPPHead(nn.Module):
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in ASPP_DILATIONS
         )
         for conv in self.branches:  # Caffe's training fillers
-            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.normal_(conv.weight, std=HEAD_WEIGHT_STD)
             nn.init.zeros_(conv.bias)
+        self.sum = EltwiseSum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branches[0](x)
-        for branch in self.branches[1:]:
-            out = out + branch(x)
-        return out
+        return self.sum(*(branch(x) for branch in self.branches))
 
 
 class DeepLabV2(nn.Module):

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from models.deeplab import DeepLabV2MSC, ResNetConfig
-from verify.capture import BlobMap, Tap, blob_map, capture_blobs, detect_head_name
+from converter.deeplab.names import detect_head_name
+from verify.capture import BlobMap, Tap, blob_map, capture_blobs
 
 TEST_TAIL = """
 layer { name: "fc_fusion" type: "Eltwise" bottom: "a" bottom: "b" top: "fc_fusion" eltwise_param { operation: MAX } }

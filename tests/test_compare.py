@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from converter.deeplab.names import name_map
-from models.deeplab import DeepLabV2MSC, ResNetConfig, caffe_msc_blob_taps
+from converter.deeplab.names import caffe_msc_blob_taps
+from models.deeplab import DeepLabV2MSC, ResNetConfig
 from verify.activations import read_activations, write_activations
 from verify.budget import ErrorStats, Tolerance, error_stats
 from verify.capture import blob_map, capture_blobs

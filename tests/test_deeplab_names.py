@@ -11,10 +11,13 @@ import torch
 from converter.deeplab.names import (
     caffe_block_name,
     config_from_state_dict,
+    detect_head_name,
     name_map,
     state_dict_keys,
     tower_copy_names,
+    tower_name,
 )
+from converter.errors import CaffeError
 from models.deeplab import DeepLabV2, ResNetConfig
 
 
@@ -72,3 +75,21 @@ def test_config_is_recovered_from_a_state_dict() -> None:
     with torch.device("meta"):
         state = DeepLabV2(num_classes=5, config=config).state_dict()
     assert config_from_state_dict(state) == (config, 5)
+
+
+def test_tower_name_puts_the_suffix_at_the_end_except_on_head_branches() -> None:
+    assert tower_name("res2a_branch1", "_res075", "fc1_voc12") == "res2a_branch1_res075"
+    assert tower_name("fc1_voc12_c3", "_res05", "fc1_voc12") == "fc1_voc12_res05_c3"
+    assert tower_name("fc1_voc12", "_res05", "fc1_voc12") == "fc1_voc12_res05"
+    assert tower_name("fc1_voc12_c3", "", "fc1_voc12") == "fc1_voc12_c3"
+
+
+def test_head_name_is_the_one_head_that_is_not_a_tower_copy() -> None:
+    names = ["conv1", "fc1_coco_c0", "fc1_coco_res075_c0", "fc1_coco_res05_c0", "fc1_coco"]
+    assert detect_head_name(names) == "fc1_coco"
+    assert detect_head_name(["conv1"]) == "fc1_voc12"  # a reference holding no head blob
+    with pytest.raises(CaffeError, match="net.prototxt: no ASPP head"):
+        detect_head_name(["conv1"], default=None, path="net.prototxt")
+    with pytest.raises(CaffeError, match=r"several ASPP heads \(fc1_coco, fc1_voc12\)"):
+        detect_head_name(["fc1_voc12_c0", "fc1_coco_c0"])
+

@@ -10,17 +10,8 @@ import torch
 
 from models.alignment import aligned_size, is_aligned, prediction_input_size, score_size
 from models.caffe_layers import FrozenBatchNormScale
-from models.deeplab import (
-    DeepLabV2,
-    DeepLabV2MSC,
-    MSCOutputs,
-    ResNetConfig,
-    caffe_blob_taps,
-    caffe_blocks,
-    caffe_msc_blob_taps,
-    predict_labels,
-    predict_scores,
-)
+from converter.deeplab.names import caffe_blob_taps, caffe_blocks, caffe_msc_blob_taps
+from models.deeplab import DeepLabV2, DeepLabV2MSC, MSCOutputs, ResNetConfig, predict_labels, predict_scores
 from models.interp import caffe_interp
 
 TINY = ResNetConfig.tiny()

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from models.alignment import msc_branch_sizes
-from models.caffe_layers import CaffeMaxPool2d, EltwiseMax, caffe_pool_output_size
-from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig, caffe_msc_blob_taps
+from models.caffe_layers import CaffeMaxPool2d, EltwiseMax, EltwiseSum, caffe_pool_output_size
+from converter.deeplab.names import caffe_msc_blob_taps
+from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 from models.interp import CaffeInterp, caffe_interp, caffe_interp_size
 
 TINY = ResNetConfig.tiny()
@@ -207,3 +208,16 @@ def test_fusion_is_elementwise_max():
     assert torch.equal(out.fused, stacked.max(dim=0).values)
     winners = stacked.argmax(dim=0)
     assert all((winners == k).any() for k in range(3)), "every scale should win somewhere on random weights"
+
+
+def test_eltwise_sum_adds_left_to_right_with_coefficients():
+    # float32 addition is not associative: 1e8 + 1 - 1e8 is 0 left to right, 1 otherwise
+    a, b, c = (torch.tensor([v], dtype=torch.float32) for v in (1e8, 1.0, -1e8))
+    assert EltwiseSum()(a, b, c).item() == 0.0 and EltwiseSum()(a, c, b).item() == 1.0
+    x, y = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    assert torch.equal(EltwiseSum([0.5, -1.0])(x, y), torch.full((2, 3), -1.5))
+    with pytest.raises(ValueError, match="one shape"):
+        EltwiseSum()(x, y[:, :1])  # Caffe does not broadcast
+    with pytest.raises(ValueError, match="2 coefficients for 3 inputs"):
+        EltwiseSum([1.0, 1.0])(x, x, x)
+

@@ -14,7 +14,8 @@ from converter.caffe.caffemodel import read_caffemodel
 from converter.caffe.load import load_net
 from converter.caffe.schema import caffe_pb
 from converter.synthetic.weights import CALIBRATION_SIZE, NEAR_EPS_LAYERS, calibration_image, main, write_synthetic_deeplab
-from models.deeplab import DeepLabV2, ResNetConfig, caffe_blob_taps
+from converter.deeplab.names import caffe_blob_taps
+from models.deeplab import DeepLabV2, ResNetConfig
 
 TINY = ResNetConfig.tiny()
 # sha256 of the tiny msc_test caffemodel from seed 0 (regenerate and update only on a deliberate change).

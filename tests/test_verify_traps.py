@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models.interp
-import verify.compare
 from converter.errors import CaffeError
+from models.interp import CaffeInterp
+from verify.activations import read_activations
+from verify.capture import blob_map
+from verify.compare import load_model, verify_model
 from verify.result import VerificationResult
 from verify_case import TinyCase, tiny_case
 
@@ -27,32 +29,32 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> TinyCase:
     return tiny_case(tmp_path_factory)
 
 
-def _verify_with_trap(case: TinyCase, monkeypatch: pytest.MonkeyPatch, trap: Callable[[nn.Module], None]) -> VerificationResult:
-    honest_load = verify.compare.load_model
-
-    def load_with_trap(*args, **kwargs) -> nn.Module:
-        model = honest_load(*args, **kwargs)
+def _verify_with_trap(case: TinyCase, trap: Callable[[nn.Module], None]) -> VerificationResult:
+    """Verify the honest checkpoint's model with `trap` applied to it, passed in as the model under test."""
+    with read_activations(case.reference) as reference:
+        mapping = blob_map(case.spec.config, reference.order, reference.prototxt)
+        model = load_model(case.state_dict, case.spec, multi_scale=mapping.multi_scale, source="test")
         trap(model)
-        return model
-
-    monkeypatch.setattr(verify.compare, "load_model", load_with_trap)
-    return case.verify()
+        return verify_model(model, mapping, case.spec.config, reference)
 
 
-def test_pool1_floor_rounding_is_a_named_shape_mismatch(case, monkeypatch) -> None:
+def test_pool1_floor_rounding_is_a_named_shape_mismatch(case) -> None:
     def floor_pool(model: nn.Module) -> None:
         model.backbone.maxpool.ceil_mode = False
 
     with pytest.raises(CaffeError, match=r"blob shapes differ: 'pool1' reference \(1, 8, 17, 18\) != PyTorch \(1, 8, 17, 17\)"):
-        _verify_with_trap(case, monkeypatch, floor_pool)
+        _verify_with_trap(case, floor_pool)
 
 
-def test_interp_without_aligned_corners_fails_at_the_first_interp(case, monkeypatch) -> None:
-    def half_pixel(x: torch.Tensor, out_height: int, out_width: int, **pads: int) -> torch.Tensor:
-        return F.interpolate(x, size=(out_height, out_width), mode="bilinear", align_corners=False)
+def test_interp_without_aligned_corners_fails_at_the_first_interp(case) -> None:
+    def half_pixel(model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, CaffeInterp):
+                module.forward = lambda x, m=module: F.interpolate(
+                    x, size=m.output_size(x.shape[-2], x.shape[-1]), mode="bilinear", align_corners=False
+                )
 
-    monkeypatch.setattr(models.interp, "caffe_interp", half_pixel)
-    first = case.verify().first_diverging
+    first = _verify_with_trap(case, half_pixel).first_diverging
     assert first.name in ("data_res05", "data_res075")
     assert first.teacher_inputs == ("data",) and first.teacher_ratio > 1.0
 
@@ -62,26 +64,26 @@ def test_interp_without_aligned_corners_fails_at_the_first_interp(case, monkeypa
     [("data_res075", 0.75, r"\(1, 3, 49, 49\) != PyTorch \(1, 3, 49, 50\)"),
      ("data_res05", 0.5, r"\(1, 3, 33, 34\) != PyTorch \(1, 3, 32, 34\)")],
 )
-def test_tower_input_sized_by_a_scale_factor_is_a_named_shape_mismatch(case, monkeypatch, blob, scale, expected) -> None:
+def test_tower_input_sized_by_a_scale_factor_is_a_named_shape_mismatch(case, blob, scale, expected) -> None:
     # round(s * n) instead of Caffe's shrink (n-1)//s+1 (then zoom): the MSC branch sizes drift
     def scaled(model: nn.Module) -> None:
         model.get_submodule(blob).output_size = lambda h, w: (round(scale * h), round(scale * w))
 
     with pytest.raises(CaffeError, match=f"'{blob}' reference " + expected):
-        _verify_with_trap(case, monkeypatch, scaled)
+        _verify_with_trap(case, scaled)
 
 
-def test_missing_dilation_fails_at_the_first_dilated_conv(case, monkeypatch) -> None:
+def test_missing_dilation_fails_at_the_first_dilated_conv(case) -> None:
     def undilated(model: nn.Module) -> None:
         for block in model.backbone.layer3:
             block.conv2.dilation, block.conv2.padding = (1, 1), (1, 1)
 
-    first = _verify_with_trap(case, monkeypatch, undilated).first_diverging
+    first = _verify_with_trap(case, undilated).first_diverging
     assert first.name == "res4a_branch2b"
     assert first.teacher_inputs == ("res4a_branch2a",) and first.teacher_ratio > 1.0
 
 
-def test_fusion_by_sum_instead_of_max_fails_at_fc_fusion(case, monkeypatch) -> None:
+def test_fusion_by_sum_instead_of_max_fails_at_fc_fusion(case) -> None:
     class EltwiseSum(nn.Module):
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
             return sum(inputs)
@@ -89,5 +91,5 @@ def test_fusion_by_sum_instead_of_max_fails_at_fc_fusion(case, monkeypatch) -> N
     def summed(model: nn.Module) -> None:
         model.fc_fusion = EltwiseSum()
 
-    first = _verify_with_trap(case, monkeypatch, summed).first_diverging
+    first = _verify_with_trap(case, summed).first_diverging
     assert first.name == "fc_fusion" and first.teacher_ratio > 1.0

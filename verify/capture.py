@@ -1,6 +1,6 @@
 """Capture the PyTorch value of Caffe blobs in one forward pass, through forward hooks.
 
-`models.deeplab` names, for every Caffe blob, the module whose forward output equals the
+`converter.deeplab.names` names, for every Caffe blob, the module whose forward output equals the
 blob's final value (in-place BatchNorm/Scale/ReLU included) and, in the multi-scale model,
 which call of that shared module belongs to which tower. A hook keeps only the blobs asked
 for, detached and uncloned: the model writes in place only into tensors it has just made
@@ -19,16 +19,16 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from converter.caffe.params import INTERP_DEFAULTS, interp_params
 from converter.caffe.prototxt import parse_prototxt_text
-from models.deeplab import DEFAULT_HEAD_NAME, MSC_TOWER_SUFFIXES, ResNetConfig, caffe_blob_taps, caffe_msc_blob_taps
+from converter.deeplab.names import TOWER_SUFFIXES, caffe_blob_taps, caffe_msc_blob_taps, detect_head_name
+from models.deeplab import ResNetConfig
 from models.interp import caffe_interp, caffe_interp_size
 
 # Blobs only the multi-scale net has (besides the tower copies, which carry these suffixes).
 MSC_ONLY = ("data_res075", "data_res05", "fc_fusion")
-TOWER_SUFFIXES = MSC_TOWER_SUFFIXES[1:]  # the scaled towers' blob suffixes
 
 BlobSink = Callable[[str, torch.Tensor], None]
-_INTERP_DEFAULTS = {"zoom_factor": 1, "shrink_factor": 1, "pad_beg": 0, "pad_end": 0, "out_height": 0, "out_width": 0}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class InterpTail:
 
     def describe(self) -> str:
         """The parameters that are set, e.g. "zoom_factor=8"."""
-        return ", ".join(f"{key}={value}" for key, value in self.params.items() if value != _INTERP_DEFAULTS[key])
+        return ", ".join(f"{key}={value}" for key, value in self.params.items() if value != INTERP_DEFAULTS[key])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         pads = {k: self.params.get(k, 0) for k in ("pad_beg", "pad_end")}
@@ -79,19 +79,10 @@ class BlobMap:
 _HEAD_STEPS = ("fc1_voc12_res075_interp", "fc1_voc12_res05_interp", "fc_fusion")
 
 
-def detect_head_name(names: Iterable[str]) -> str:
-    """The ASPP head's blob prefix in a list of Caffe blob names (fc1_voc12, fc1_coco, ...)."""
-    for name in names:
-        if name.endswith("_c0"):
-            prefix = name[: -len("_c0")]
-            if not prefix.endswith(TOWER_SUFFIXES):
-                return prefix
-    return DEFAULT_HEAD_NAME
-
-
 def blob_map(config: ResNetConfig, reference_names: Iterable[str], prototxt: str = "") -> BlobMap:
-    """The map for a reference: multi-scale when it holds any multi-scale blob, with its head name,
-    plus the Interp tails its net definition (`prototxt` text) applies to mapped blobs."""
+    """The DeepLab-v2 map for a reference: multi-scale when it holds any multi-scale blob, with its
+    head name (fc1_voc12 when it holds no head blob), the taps `converter.deeplab.names` gives for
+    that net, plus the Interp tails its net definition (`prototxt` text) applies to mapped blobs."""
     names = list(reference_names)
     head_name = detect_head_name(names)
     multi_scale = any(n in MSC_ONLY or n.endswith(TOWER_SUFFIXES) for n in names)
@@ -99,8 +90,13 @@ def blob_map(config: ResNetConfig, reference_names: Iterable[str], prototxt: str
         taps = {name: Tap(path, call) for name, (path, call) in caffe_msc_blob_taps(config, head_name).items()}
     else:
         taps = {name: Tap(path) for name, path in caffe_blob_taps(config, head_name).items()}
+    return tap_map(taps, multi_scale=multi_scale, head_name=head_name, prototxt=prototxt)
+
+
+def tap_map(taps: Mapping[str, Tap], *, multi_scale: bool, head_name: str, prototxt: str = "") -> BlobMap:
+    """The map of any model's blob taps, plus the Interp tails the net text applies to tapped blobs."""
     tails = _interp_tails(prototxt, taps) if prototxt else {}
-    return BlobMap(multi_scale, head_name, taps, tails)
+    return BlobMap(multi_scale, head_name, dict(taps), tails)
 
 
 def _interp_tails(prototxt: str, taps: Mapping[str, Tap]) -> dict[str, InterpTail]:
@@ -112,16 +108,7 @@ def _interp_tails(prototxt: str, taps: Mapping[str, Tap]) -> dict[str, InterpTai
         bottom, top = layer.bottom[0], layer.top[0]
         if top in taps or (bottom not in taps and bottom not in tails):
             continue
-        p = layer.interp_param
-        params = {
-            "zoom_factor": p.zoom_factor if p.HasField("zoom_factor") else 1,
-            "shrink_factor": p.shrink_factor if p.HasField("shrink_factor") else 1,
-            "pad_beg": p.pad_beg,
-            "pad_end": p.pad_end,
-            "out_height": p.height,
-            "out_width": p.width,
-        }
-        tails[top] = InterpTail(bottom, params)
+        tails[top] = InterpTail(bottom, interp_params(layer))
     return tails
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from converter.atomic import write_atomic
 from converter.checkpoint import read_checkpoint, sha256_file
+from converter.caffe.params import DEFAULT_BN_EPS
 from converter.deeplab.names import config_from_state_dict
 from converter.errors import CaffeError
 from converter.caffe.prototxt import read_prototxt
@@ -90,7 +91,7 @@ def _model_spec(manifest: dict[str, Any], state_dict: dict[str, Any]) -> ModelSp
         num_classes = int(model["num_classes"])
     else:
         config, num_classes = config_from_state_dict(state_dict)
-    return ModelSpec(config, num_classes, float(model.get("bn_eps", 1e-5)))
+    return ModelSpec(config, num_classes, float(model.get("bn_eps", DEFAULT_BN_EPS)))
 
 
 def _head_replaced(manifest: dict[str, Any]) -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -44,7 +45,8 @@ from torch import nn
 
 from converter.loading import load_weights_strictly
 from converter.errors import CaffeError, listed
-from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig, caffe_blocks
+from converter.deeplab.names import caffe_blocks
+from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 from verify.activations import ActivationsFile
 from verify.budget import ErrorStats, NoiseBudget, Tolerance, error_stats, ulps
 from verify.capture import BlobMap, blob_map, capture_blobs
@@ -103,17 +105,43 @@ def verify_state_dict(
     scope: str = "full",
     drift: bool | None = None,
 ) -> VerificationResult:
-    """Verify the state dict against the reference file (both checks); see the module docstring.
+    """Verify a DeepLab-v2 state dict against the reference file: the model and blob map the reference
+    calls for (multi-scale or single, its head name) are built here, then `verify_model` runs both checks.
 
     `blobs` restricts the comparison to those reference blobs; `scope` "backbone" skips the head's
     blobs (a checkpoint whose head was replaced by surgery); `drift` (default: on for CUDA) adds the
     information-only TF32 and bf16-autocast errors of a few stage blobs.
     """
+    clock = time.perf_counter()
+    torch_device(device)  # a bad device fails before the model is built
+    mapping = blob_map(spec.config, reference.order, reference.prototxt)
+    model = load_model(state_dict, spec, multi_scale=mapping.multi_scale, source=source)
+    loaded = time.perf_counter() - clock
+    result = verify_model(model, mapping, spec.config, reference, device=device, blobs=blobs, scope=scope, drift=drift)
+    timings = dict(result.timings)
+    timings["load"] += loaded  # building the model is part of loading
+    return dataclasses.replace(result, timings=timings)
+
+
+def verify_model(
+    model: nn.Module,
+    mapping: BlobMap,
+    config: ResNetConfig,
+    reference: ActivationsFile,
+    *,
+    device: str = "cpu",
+    blobs: Sequence[str] | None = None,
+    scope: str = "full",
+    drift: bool | None = None,
+) -> VerificationResult:
+    """Verify `model` (a DeepLab-v2 of `config`, weights loaded) against the reference file, blob by
+    blob, through its blob taps `mapping` (both checks; see the module docstring). The model is moved
+    to `device`; options as in `verify_state_dict`.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     target = torch_device(device)
     names = _requested(reference, blobs)
-    mapping = blob_map(spec.config, reference.order, reference.prototxt)
     mapped = [n for n in names if n in mapping]
     not_mapped = tuple(n for n in names if n not in mapping)
     wanted = set(names) if blobs is not None else None
@@ -129,7 +157,7 @@ def verify_state_dict(
             path=reference.path,
         )
     data = _input(reference)
-    model = load_model(state_dict, spec, multi_scale=mapping.multi_scale, source=source).to(target)
+    model = model.eval().to(target)
     timings["load"] = time.perf_counter() - clock
 
     with _exact_float32(target):
@@ -145,8 +173,8 @@ def verify_state_dict(
 
         clock = time.perf_counter()
         available = set(reference.order) | set(reference.inputs)
-        steps = {s.output: s for s in forced_steps(model, spec.config, mapping, available)}
-        steps64 = {s.output: s for s in forced_steps(model64, spec.config, mapping, available)}
+        steps = {s.output: s for s in forced_steps(model, config, mapping, available)}
+        steps64 = {s.output: s for s in forced_steps(model64, config, mapping, available)}
         blobs_read = ReferenceBlobs(reference, target)
         end_to_end, teacher = {}, {}
         for name in compared:  # forward order: a step's inputs were mostly read just before
@@ -166,7 +194,7 @@ def verify_state_dict(
     drift_info: dict[str, dict[str, float]] = {}
     if target.type == "cuda" if drift is None else drift:
         clock = time.perf_counter()
-        drift_info = _drift(model, data.to(target), mapping, spec.config, compared, reference)
+        drift_info = _drift(model, data.to(target), mapping, config, compared, reference)
         timings["drift (information)"] = time.perf_counter() - clock
     verdict = FAIL if any(row.failed for row in rows) else PASS
     log.info("verification %s: %d blobs, %d teacher-forced", verdict, len(end_to_end), len(teacher))

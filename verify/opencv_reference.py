@@ -28,6 +28,7 @@ from google.protobuf import text_format
 
 from converter.errors import CaffeError
 from converter.caffe.netdesc import Net
+from converter.caffe.params import interp_params
 from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
 from models.interp import caffe_interp_size
 from verify.activations import write_activations
@@ -225,14 +226,14 @@ def _rewrite_shrink_interps(
     for index, layer in enumerate(net_param.layer):
         if layer.type != "Interp":
             continue
-        p = layer.interp_param
-        if p.pad_beg or p.pad_end:
+        params = interp_params(layer)
+        if params["pad_beg"] or params["pad_end"]:
             raise CaffeError(
-                f"Interp pads ({p.pad_beg}, {p.pad_end}) crop the input; OpenCV's Interp cannot do that",
+                f"Interp pads ({params['pad_beg']}, {params['pad_end']}) crop the input; OpenCV's Interp cannot do that",
                 path=shown_as,
                 layer=layer.name,
             )
-        if not p.HasField("shrink_factor"):
+        if not layer.interp_param.HasField("shrink_factor"):
             continue
         bottom = layer.bottom[0]
         if bottom not in known:
@@ -242,8 +243,7 @@ def _rewrite_shrink_interps(
             raise CaffeError(f"Interp bottom '{bottom}' has shape {shape}, expected N,C,H,W", path=shown_as,
                              layer=layer.name)
         try:
-            size = caffe_interp_size(shape[2], shape[3], zoom_factor=p.zoom_factor, shrink_factor=p.shrink_factor,
-                                     out_height=p.height, out_width=p.width)
+            size = caffe_interp_size(shape[2], shape[3], **params)
         except ValueError as exc:
             raise CaffeError(str(exc), path=shown_as, layer=layer.name) from None
         layer.ClearField("interp_param")

@@ -18,10 +18,9 @@ from typing import Callable, Collection
 import torch
 from torch import nn
 
-from models.deeplab import ASPP_DILATIONS, MSC_TOWER_SUFFIXES, ResNetConfig, caffe_blocks
+from converter.deeplab.names import MSC_TOWER_SUFFIXES, caffe_blocks, head_layer_names, tower_name
+from models.deeplab import ResNetConfig
 from verify.capture import BlobMap
-
-ASPP_BRANCHES = len(ASPP_DILATIONS)
 
 
 @dataclass(frozen=True)
@@ -77,11 +76,11 @@ def _tower_recipes(
         previous = f"res{block_id}{tower}"
     last = f"res{blocks[-1][1]}{tower}"
     aspp = module("aspp")
-    branches = [f"{head}{tower}_c{k}" for k in range(ASPP_BRANCHES)]
+    branches = [tower_name(layer, tower, head) for layer in head_layer_names(head)]
     for k, name in enumerate(branches):
         recipes[name] = [_Recipe((last,), aspp.branches[k], f"aspp.branches.{k}")]
     recipes[f"{head}{tower}"] = [
-        _Recipe(tuple(branches), _eltwise_sum, "Eltwise SUM of the ASPP branches"),
+        _Recipe(tuple(branches), aspp.sum, "Eltwise SUM of the ASPP branches (aspp.sum)"),
         _Recipe((last,), aspp, "aspp"),
     ]
 
@@ -114,11 +113,3 @@ def _msc_recipes(model: nn.Module, head: str, recipes: dict[str, list[_Recipe]])
         recipes[f"{head}{tower}_interp"] = [_Recipe((f"{head}{tower}",), model.get_submodule(module), module)]
     fused = (head, f"{head}_res075_interp", f"{head}_res05_interp")
     recipes["fc_fusion"] = [_Recipe(fused, model.get_submodule("fc_fusion"), "fc_fusion (Eltwise MAX)")]
-
-
-def _eltwise_sum(*inputs: torch.Tensor) -> torch.Tensor:
-    """Caffe's Eltwise SUM: left to right, as the ASPP head adds its branches."""
-    out = inputs[0]
-    for other in inputs[1:]:
-        out = out + other
-    return out

@@ -12,32 +12,30 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from converter.caffe.files import release_pages
+from converter.caffe.netdesc import Layer, Net
+from converter.caffe.params import DEFAULT_BN_EPS, axis_pair, bn_eps, bn_statistics
 from converter.deeplab.names import (
+    CAFFE_STAGES,
     LAYER_TYPE_OF_KIND,
-    TOWER_SUFFIXES,
     BlobRow,
+    caffe_block_name,
+    detect_head_name,
     head_layer_names,
     name_map,
     tower_copy_names,
 )
 from converter.errors import CaffeError, listed
-from converter.caffe.netdesc import Layer, Net
-from converter.caffe.files import release_pages
-from models.deeplab import CAFFE_STAGES, ASPPHead, ResNetBackbone, ResNetConfig, caffe_block_name
+from models.deeplab import ASPPHead, ResNetBackbone, ResNetConfig
 
 log = logging.getLogger(__name__)
-
-_HEAD_BRANCH = re.compile(r"(fc1_.+)_c([0-3])")
-DEFAULT_BN_EPS = 1e-5  # Caffe's BatchNormParameter default
 
 _memcmp = ctypes.CDLL(None).memcmp  # the C library's, already loaded in the process
 _memcmp.restype = ctypes.c_int
@@ -72,22 +70,6 @@ class ConversionResult:
     coverage: Coverage
 
 
-def detect_head_name(net: Net) -> str:
-    """The head prefix (e.g. "fc1_voc12") of the one set of layers <head>_c0..c3 that is not a tower copy."""
-    branches: dict[str, set[str]] = defaultdict(set)
-    for layer in net.layers:
-        match = _HEAD_BRANCH.fullmatch(layer.name)
-        if match:
-            branches[match.group(1)].add(match.group(2))
-    complete = {head for head, found in branches.items() if found == {"0", "1", "2", "3"}}
-    heads = sorted(h for h in complete if not any(h == other + sfx for other in complete for sfx in TOWER_SUFFIXES))
-    if len(heads) == 1:
-        return heads[0]
-    if not heads:
-        raise CaffeError("no ASPP head: expected layers fc1_<name>_c0 .. fc1_<name>_c3", path=net.path)
-    raise CaffeError(f"several ASPP heads ({', '.join(heads)}); name the one to convert", path=net.path)
-
-
 def _first_blob(net: Net, layer_name: str) -> np.ndarray:
     if not net.has_layer(layer_name) or not net.layer(layer_name).blobs:
         what = "has no weights (the weights file has no layer of this name)" if net.has_layer(layer_name) else "missing"
@@ -113,32 +95,20 @@ def net_bn_eps(net: Net) -> float:
     by_eps: dict[float, str] = {}
     for layer in net.layers:
         if layer.type == "BatchNorm":
-            # The field is a float32 in caffe.proto; keep its shortest decimal form (1e-05, not 9.99e-06).
-            eps = float(str(np.float32(layer.param.batch_norm_param.eps)))
-            by_eps.setdefault(eps, layer.name)
+            by_eps.setdefault(bn_eps(layer), layer.name)
     if len(by_eps) > 1:
         shown = ", ".join(f"{eps:g} (e.g. layer '{name}')" for eps, name in by_eps.items())
         raise CaffeError(f"BatchNorm layers use different eps: {shown}; the model has one eps", path=net.path)
     return next(iter(by_eps), DEFAULT_BN_EPS)
 
 
-def _axis_pair(param: Any, repeated: str, default: int, h_field: str | None = None) -> tuple[int, int]:
-    """Caffe's per-axis reading of a ConvolutionParameter field: x_h/x_w if set, else 0, 1 or 2 values."""
-    if h_field is not None and (param.HasField(h_field) or param.HasField(h_field[:-1] + "w")):
-        return getattr(param, h_field), getattr(param, h_field[:-1] + "w")
-    values = list(getattr(param, repeated))
-    if not values:
-        return default, default
-    return values[0], values[-1]
-
-
 def _check_conv_geometry(layer: Layer, module: torch.nn.Conv2d, key: str, path: str) -> None:
     """The Caffe layer's stride, pad and dilation must be the model's (weights alone do not show them)."""
     param = layer.param.convolution_param
     caffe = (
-        _axis_pair(param, "stride", 1, "stride_h"),
-        _axis_pair(param, "pad", 0, "pad_h"),
-        _axis_pair(param, "dilation", 1),
+        axis_pair(param, "stride", 1),
+        axis_pair(param, "pad", 0),
+        axis_pair(param, "dilation", 1),
     )
     model = (tuple(module.stride), tuple(module.padding), tuple(module.dilation))
     if caffe != model:
@@ -171,13 +141,6 @@ def _fit(blob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 def _describe(row: BlobRow, blob: np.ndarray) -> str:
     return f"caffe blob {row.layer}[{row.index}] shape {tuple(blob.shape)}"
-
-
-def _divide_by_factor(stat: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Caffe's BatchNorm: statistics are stored times the moving-average factor s; s == 0 means zero."""
-    s = np.float32(factor.reshape(-1)[0])
-    scale = np.float32(0.0) if s == 0 else np.float32(1.0) / s
-    return (stat * scale).astype(np.float32, copy=False)
 
 
 def _identical(a: np.ndarray, b: np.ndarray) -> bool:
@@ -231,7 +194,7 @@ def convert_deeplab(
     given, must match the head. The BN eps comes from the net definition in use (the
     prototxt when one was read, else the caffemodel's own layers).
     """
-    head_name = head_name or detect_head_name(net)
+    head_name = head_name or detect_head_name((layer.name for layer in net.layers), default=None, path=net.path)
     config = config or infer_config(net)
     rows = name_map(config, head_name)
     head_classes = int(_first_blob(net, head_layer_names(head_name)[0]).shape[0])
@@ -289,8 +252,9 @@ def convert_deeplab(
         blobs_checked += blobs
 
     for row in rows:
-        if row.kind in ("bn_mean", "bn_var"):
-            arrays[row.key] = _divide_by_factor(arrays[row.key], factors[row.layer])
+        if row.kind == "bn_mean":
+            var_key = row.key.replace(".running_mean", ".running_var")
+            arrays[row.key], arrays[var_key] = bn_statistics(arrays[row.key], arrays[var_key], factors[row.layer])
 
     used_layers = set(rows_by_layer)
     for name in list(used_layers):

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from converter.caffe.params import DEFAULT_BN_EPS
 from converter.deeplab.names import config_from_state_dict, state_dict_keys
 from converter.errors import CaffeError, listed
 
@@ -27,6 +28,8 @@ _OURS_BACKBONE = "backbone."
 _OURS_HEAD = "aspp.branches."
 _LEGACY_BACKBONE = "Scale."
 _LEGACY_HEAD = "Scale.layer5.conv2d_list."
+# The earlier port used PyTorch BatchNorm2d's default eps, which is Caffe's default too.
+LEGACY_BN_EPS = DEFAULT_BN_EPS
 _COUNTER = "num_batches_tracked"  # a training counter of PyTorch BatchNorm; the frozen model has none
 
 

@@ -1,41 +1,48 @@
-"""The DeepLab-v2 Caffe-name -> PyTorch-key map, as data: one row per Caffe blob the model uses.
+"""All DeepLab-v2 naming knowledge: Caffe's block, tower and head names, the name map, the blob taps.
 
-Caffe splits each normalisation into a BatchNorm layer (mean, variance, moving-average
-factor) and a Scale layer (gamma, beta); the model folds both into one frozen module, so
-five Caffe blobs feed four state-dict entries (the factor divides the statistics).
-`deeplab_convert` checks the map one-to-one against a net and against the model.
+The Caffe-name -> PyTorch-key map is data: one row per Caffe blob the model uses. Caffe splits
+each normalisation into a BatchNorm layer (mean, variance, moving-average factor) and a Scale
+layer (gamma, beta); the model folds both into one frozen module, so five Caffe blobs feed four
+state-dict entries (the factor divides the statistics). `converter.deeplab.convert` checks the
+map one-to-one against a net and against the model. The blob taps name, for every Caffe blob,
+the module of `models.deeplab` whose output is the blob's value (what the verifier hooks).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from converter.errors import CaffeError
-from models.deeplab import (
-    ASPP_DILATIONS,
-    CAFFE_STAGES,
-    DEFAULT_HEAD_NAME,
-    MSC_TOWER_SUFFIXES,
-    ResNetConfig,
-    caffe_block_name,
-    caffe_blocks,
-)
+from models.deeplab import ASPP_DILATIONS, ResNetConfig
 
 __all__ = [
+    "CAFFE_STAGES",
     "DEFAULT_HEAD_NAME",
     "HEAD_BRANCHES",
     "LAYER_TYPE_OF_KIND",
+    "MSC_TOWER_SUFFIXES",
     "TOWER_SUFFIXES",
     "BlobKind",
     "BlobRow",
+    "caffe_blob_taps",
     "caffe_block_name",
+    "caffe_blocks",
+    "caffe_msc_blob_taps",
     "config_from_state_dict",
+    "detect_head_name",
     "head_layer_names",
     "name_map",
     "state_dict_keys",
     "tower_copy_names",
+    "tower_name",
 ]
+
+CAFFE_STAGES = (2, 3, 4, 5)  # Caffe res2..res5 = layer1..layer4
+DEFAULT_HEAD_NAME = "fc1_voc12"
 
 BlobKind = Literal[
     "conv_weight", "bn_mean", "bn_var", "bn_factor", "scale_weight", "scale_bias", "head_weight", "head_bias"
@@ -53,9 +60,12 @@ LAYER_TYPE_OF_KIND: dict[str, str] = {
     "scale_bias": "Scale",
 }
 
-# The multi-scale nets repeat every parameter layer in two more towers under these suffixes.
-TOWER_SUFFIXES: tuple[str, ...] = tuple(suffix for suffix in MSC_TOWER_SUFFIXES if suffix)
+# The multi-scale nets repeat every layer in two more towers, the 0.75 and 0.5 scales, under these suffixes.
+TOWER_SUFFIXES: tuple[str, ...] = ("_res075", "_res05")
+# All towers' suffixes in the order DeepLabV2MSC runs them (full, 0.75, 0.5): a shared module's call index.
+MSC_TOWER_SUFFIXES: tuple[str, ...] = ("",) + TOWER_SUFFIXES
 HEAD_BRANCHES = len(ASPP_DILATIONS)
+_HEAD_BRANCH_0 = re.compile(r"(fc1_.+)_c0")
 
 
 @dataclass(frozen=True)
@@ -73,16 +83,95 @@ def head_layer_names(head_name: str) -> tuple[str, ...]:
     return tuple(f"{head_name}_c{k}" for k in range(HEAD_BRANCHES))
 
 
-def tower_copy_names(layer: str, head_name: str) -> tuple[str, ...]:
-    """Names of `layer`'s copies in the 0.75 and 0.5 towers.
+def tower_name(name: str, suffix: str, head_name: str) -> str:
+    """Caffe's name of layer or blob `name` in the tower with `suffix` ("" is the full tower).
 
-    Backbone layers take the suffix at the end (res2a_branch1_res075); head branches take it
+    The suffix goes at the end (res2a_branch1_res075), except on head branches, where it goes
     before the branch number (fc1_voc12_res075_c0), as in the DeepLab-v2 prototxts.
     """
     prefix = f"{head_name}_c"
-    if layer.startswith(prefix) and layer[len(prefix):].isdigit():
-        return tuple(f"{head_name}{suffix}_c{layer[len(prefix):]}" for suffix in TOWER_SUFFIXES)
-    return tuple(layer + suffix for suffix in TOWER_SUFFIXES)
+    if suffix and name.startswith(prefix) and name[len(prefix):].isdigit():
+        return f"{head_name}{suffix}_c{name[len(prefix):]}"
+    return name + suffix
+
+
+def tower_copy_names(layer: str, head_name: str) -> tuple[str, ...]:
+    """Names of `layer`'s copies in the 0.75 and 0.5 towers."""
+    return tuple(tower_name(layer, suffix, head_name) for suffix in TOWER_SUFFIXES)
+
+
+def detect_head_name(
+    names: Iterable[str], *, default: str | None = DEFAULT_HEAD_NAME, path: str | Path | None = None
+) -> str:
+    """The ASPP head's prefix (fc1_voc12, fc1_coco, ...) among layer or blob names: the one
+    fc1_<name> with a branch fc1_<name>_c0 that is not a tower copy (fc1_<name><tower suffix>_c0).
+
+    When there is none: `default` (a reference that holds no head blob), or with `default=None` (a
+    net that must have a head) CaffeError naming `path`; several heads: CaffeError.
+    """
+    heads = sorted({
+        match.group(1)
+        for name in names
+        if (match := _HEAD_BRANCH_0.fullmatch(name)) and not match.group(1).endswith(TOWER_SUFFIXES)
+    })
+    if len(heads) == 1:
+        return heads[0]
+    if len(heads) > 1:
+        raise CaffeError(f"several ASPP heads ({', '.join(heads)}); name the one to convert", path=path)
+    if default is not None:
+        return default
+    raise CaffeError("no ASPP head: expected layers fc1_<name>_c0 .. fc1_<name>_c3", path=path)
+
+
+def caffe_block_name(stage: int, index: int) -> str:
+    """Caffe's block letter(s): res2/res5 use a, b, c, ...; res3/res4 use a, b1, b2, ... (by stage)."""
+    if stage not in CAFFE_STAGES:
+        raise ValueError(f"stage must be one of {CAFFE_STAGES}, got {stage}")
+    if stage in (2, 5):
+        return chr(ord("a") + index)
+    return "a" if index == 0 else f"b{index}"
+
+
+def caffe_blocks(config: ResNetConfig) -> list[tuple[str, str]]:
+    """(module path, Caffe block id such as "2a" or "4b22") of every block, in forward order."""
+    return [
+        (f"backbone.layer{layer}.{index}", f"{stage}{caffe_block_name(stage, index)}")
+        for layer, (stage, count) in enumerate(zip(CAFFE_STAGES, config.blocks), start=1)
+        for index in range(count)
+    ]
+
+
+def caffe_blob_taps(config: ResNetConfig, head_name: str = DEFAULT_HEAD_NAME) -> dict[str, str]:
+    """Caffe blob name -> path (relative to DeepLabV2, also valid on DeepLabV2MSC) of the module
+    whose forward output equals the blob's value when Caffe's forward ends, in forward order."""
+    taps = {"conv1": "backbone.relu", "pool1": "backbone.maxpool"}
+    for path, block in caffe_blocks(config):
+        if block[1:] == "a":
+            taps[f"res{block}_branch1"] = f"{path}.downsample.1"
+        taps[f"res{block}_branch2a"] = f"{path}.relu1"
+        taps[f"res{block}_branch2b"] = f"{path}.relu2"
+        taps[f"res{block}_branch2c"] = f"{path}.bn3"
+        taps[f"res{block}"] = f"{path}.relu_out"
+    for branch, layer in enumerate(head_layer_names(head_name)):
+        taps[layer] = f"aspp.branches.{branch}"
+    taps[head_name] = "aspp"
+    return taps
+
+
+def caffe_msc_blob_taps(config: ResNetConfig, head_name: str = DEFAULT_HEAD_NAME) -> dict[str, tuple[str, int]]:
+    """Caffe blob name of the multi-scale net -> (module path in DeepLabV2MSC, call index).
+
+    The towers share modules, so a hook on a tower module fires once per tower: call 0 is the
+    full tower, 1 the 0.75 tower, 2 the 0.5 tower (`MSC_TOWER_SUFFIXES`); blob names follow `tower_name`.
+    """
+    taps: dict[str, tuple[str, int]] = {"data_res075": ("data_res075", 0), "data_res05": ("data_res05", 0)}
+    for call, suffix in enumerate(MSC_TOWER_SUFFIXES):
+        for blob, path in caffe_blob_taps(config, head_name).items():
+            taps[tower_name(blob, suffix, head_name)] = (path, call)
+    taps[f"{head_name}_res075_interp"] = ("fc1_voc12_res075_interp", 0)
+    taps[f"{head_name}_res05_interp"] = ("fc1_voc12_res05_interp", 0)
+    taps["fc_fusion"] = ("fc_fusion", 0)
+    return taps
 
 
 def _norm_rows(bn_layer: str, scale_layer: str, module: str) -> list[BlobRow]:

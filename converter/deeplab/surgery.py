@@ -2,7 +2,7 @@
 
 `init.caffemodel` (MS-COCO) carries a head for another label set; training on VOC starts
 from its backbone and a new head filled as Caffe's training net fills it (gaussian
-std 0.01 weights, zero biases), drawn from a seeded generator so runs repeat.
+std `HEAD_WEIGHT_STD` weights, zero biases), drawn from a seeded generator so runs repeat.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 
 from converter.deeplab.names import HEAD_BRANCHES
 from converter.errors import CaffeError
+from models.deeplab import HEAD_WEIGHT_STD
 
 HEAD_PREFIX = "aspp."
-WEIGHT_STD = 0.01  # Caffe's gaussian filler of fc1_*_c{0..3} in the DeepLab-v2 training nets
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def replace_head(
     generator = torch.Generator().manual_seed(seed)
     created = []
     for branch in range(HEAD_BRANCHES):
-        weight = torch.randn((num_classes, in_channels, 3, 3), generator=generator, dtype=old_weight.dtype) * WEIGHT_STD
+        weight = torch.randn((num_classes, in_channels, 3, 3), generator=generator, dtype=old_weight.dtype) * HEAD_WEIGHT_STD
         bias = torch.zeros(num_classes, dtype=old_weight.dtype)
         for name, tensor in (("weight", weight), ("bias", bias)):
             key = f"{HEAD_PREFIX}branches.{branch}.{name}"

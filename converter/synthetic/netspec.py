@@ -26,7 +26,8 @@ from models.alignment import (
     STEM_CONV,
     TEST_ZOOM,
 )
-from models.deeplab import ASPP_DILATIONS, ResNetConfig, caffe_block_name
+from converter.deeplab.names import caffe_block_name, tower_name
+from models.deeplab import ASPP_DILATIONS, HEAD_WEIGHT_STD, ResNetConfig
 
 # Tower suffixes in the order the release's multi-scale nets list them (1, 1/2, 3/4).
 PROTOTXT_TOWER_ORDER = ("", "_res05", "_res075")
@@ -217,7 +218,7 @@ class _Builder:
         """<head>_c0..c3 (3x3, pad = dilation 6/12/18/24) on `features`, summed into <head>."""
         branches = []
         for i, dilation in enumerate(ASPP_DILATIONS):
-            name = f"{head}{sfx}_c{i}"
+            name = tower_name(f"{head}_c{i}", sfx, head)
             layer = self._layer(name, "Convolution", [features + sfx], [name])
             self.params(layer, f"{head}_c{i}_w", lr_mult=10, decay_mult=1)
             self.params(layer, f"{head}_c{i}_b", lr_mult=20, decay_mult=0)
@@ -227,7 +228,7 @@ class _Builder:
             cp.pad.append(dilation)
             cp.dilation.append(dilation)
             cp.weight_filler.type = "gaussian"
-            cp.weight_filler.std = 0.01
+            cp.weight_filler.std = HEAD_WEIGHT_STD
             cp.bias_filler.type = "constant"
             cp.bias_filler.value = 0
             branches.append(name)

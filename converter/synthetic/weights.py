@@ -30,13 +30,14 @@ import torch
 from google.protobuf import text_format
 
 from converter.atomic import write_atomic
+from converter.caffe.params import DEFAULT_BN_EPS
 from converter.checkpoint import sha256_file
 from converter.deeplab.names import head_layer_names, name_map, tower_copy_names
 from converter.synthetic.netspec import KINDS, deeplab_net_param, kind_defaults
 from converter.caffe.schema import caffe_pb
 from converter.caffe.wire import write_caffemodel
 from models.alignment import VOC_MEAN_BGR
-from models.deeplab import DeepLabV2, ResNetConfig
+from models.deeplab import HEAD_WEIGHT_STD, DeepLabV2, ResNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,10 @@ FILE_NAMES = {
     "init": ("init.prototxt", "init.caffemodel"),
 }
 
-BN_EPS = 1e-5  # Caffe's default batch_norm_param.eps, which the generated nets keep
 STAT_BITS = 12  # significant bits kept of calibrated statistics (machine-independent bytes)
 FACTOR_RANGE = (0.5, 1000.0)  # moving-average factor s, log-uniform; Caffe's converges to 1/(1-0.999)
 GAMMA_RANGE = (0.5, 1.5)
 BETA_STD = 0.1
-HEAD_WEIGHT_STD = 0.01  # Caffe's gaussian filler of fc1_*_c{0..3}
 HEAD_BIAS_STD = 0.05  # non-zero so that a bias mapping error shows
 # BatchNorm layers (present in every config) where a few channels get a variance near eps.
 NEAR_EPS_LAYERS = ("bn_conv1", "bn2a_branch2b", "bn4a_branch2a", "bn5a_branch2c")
@@ -201,7 +200,7 @@ def _calibrate(
     sees the statistics exactly as stored. In NEAR_EPS_LAYERS the chosen channels' convolution
     weights are first scaled so that their variance lands near eps.
     """
-    model = DeepLabV2(num_classes=num_classes, config=config, bn_eps=BN_EPS).double().eval()
+    model = DeepLabV2(num_classes=num_classes, config=config, bn_eps=DEFAULT_BN_EPS).double().eval()
     rows = name_map(config, head_name)
     # BatchNorm statistics are still placeholders here; each hook sets its own before use.
     model.load_state_dict({row.key: torch.from_numpy(blobs[row.layer][row.index]).double()
