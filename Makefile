@@ -29,7 +29,8 @@ DEVICE ?= cpu
 DEMO := build/demo
 DEMO_CONFIG ?= resnet101
 
-.PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs clean
+.PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs clean \
+	eval predict bench-eval
 
 help:
 	@echo "make demo                 whole pipeline on synthetic DeepLab-v2 caffemodels (creates .venv)"
@@ -37,6 +38,10 @@ help:
 	@echo "make convert CAFFEMODEL=... [PROTOTXT=...] OUT=<folder> [SURGERY=auto|off] [CLASSES=21]"
 	@echo "make verify-parity CHECKPOINT=<folder> [REFERENCE=ref.h5] [PROTOTXT=... CAFFEMODEL=...] [IMAGE=...] [DEVICE=cpu|cuda]"
 	@echo "make bench-convert | bench-verify | caffe-image | caffe-blobs"
+	@echo "make eval CHECKPOINT=<folder> DATA=<root> LIST=<list> OUT=<folder> [DEVICE=auto] [ARGS='--flip --crf ...']"
+	@echo "make eval PREDICTIONS=<folder of <id>.png> DATA=... LIST=... OUT=...   (score saved label PNGs)"
+	@echo "make predict IMAGES='<files or folders>' CHECKPOINT=<folder> OUT=<folder>"
+	@echo "make bench-eval [BENCH_CONFIG=resnet101|tiny] [ARGS='--sizes 321 513 ...']"
 
 setup: $(SETUP)
 
@@ -76,6 +81,27 @@ bench-convert: $(SETUP)
 
 bench-verify: $(SETUP)
 	$(PY) -m benchmarks.bench_verify --config resnet101
+
+# Evaluation and prediction (issue 10): python -m segmentation eval|predict; ARGS='<more options>' (see --help).
+# OUT and DEVICE get their own defaults here (build/eval or build/predict; auto = CUDA when available).
+eval: DATA ?= $(DEMO)/data
+eval: LIST ?= $(DATA)/list/val.txt
+eval: EVAL_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),build/eval)
+eval: EVAL_DEVICE = $(if $(filter command line environment,$(origin DEVICE)),$(DEVICE),auto)
+eval: $(SETUP)
+	$(PY) -m segmentation eval $(if $(PREDICTIONS),--predictions "$(PREDICTIONS)",--checkpoint "$(CHECKPOINT)" \
+		--device $(EVAL_DEVICE)) --data "$(DATA)" --list "$(LIST)" --out "$(EVAL_OUT)" $(ARGS)
+
+predict: PREDICT_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),build/predict)
+predict: PREDICT_DEVICE = $(if $(filter command line environment,$(origin DEVICE)),$(DEVICE),auto)
+predict: $(SETUP)
+	@test -n "$(IMAGES)" || { echo "predict needs IMAGES=<image files or folders>"; exit 2; }
+	$(PY) -m segmentation predict $(IMAGES) --checkpoint "$(CHECKPOINT)" --out "$(PREDICT_OUT)" \
+		--device $(PREDICT_DEVICE) $(ARGS)
+
+bench-eval: BENCH_CONFIG ?= resnet101
+bench-eval: $(SETUP)
+	$(PY) -m benchmarks.bench_eval --config $(BENCH_CONFIG) $(ARGS)
 
 test: $(SETUP)
 	$(PY) -m pytest -q

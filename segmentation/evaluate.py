@@ -185,6 +185,12 @@ def score_images(
     return averaged, plain
 
 
+def class_map(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The argmax over the class axis `dim`, through `max` (same first-maximum ties): on the CPU, argmax over a
+    channel-first axis is about 3x slower than max, which costs more than the tiny net's forward at 513."""
+    return scores.max(dim=dim).indices
+
+
 def _save_scores(path: Path, scores: torch.Tensor) -> None:
     array = scores.to(torch.float16).cpu().numpy()
 
@@ -252,7 +258,7 @@ def evaluate(
                     probabilities = torch.softmax(item_scores, dim=0).cpu().numpy()
                     outputs.crf.submit(item, item.image, probabilities, finish)
                 else:
-                    finish(item, item_scores.argmax(dim=0))
+                    finish(item, class_map(item_scores))
             count += len(items)
             bar.update(len(items))
         if outputs.crf is not None:
@@ -385,6 +391,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CaffeError(f"--predictions scores saved labels; {listed(given or ['--scales'])} need a --checkpoint")
     if args.crf:
         require_pydensecrf()
+
+
+def _make_folders(args: argparse.Namespace) -> None:
+    """Created only once the inputs have been checked, so bad input leaves nothing behind."""
     for folder in (args.out, args.save_predictions, args.save_scores):
         if folder is not None:
             try:
@@ -404,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = read_list(args.list, args.data, image_dir=args.image_dir, label_dir=args.label_dir,
                         image_ext=args.image_ext, label_ext=args.label_ext)
     shard = samples[rank::world]  # unpadded: every sample on exactly one rank
+    if args.predictions is not None and not args.predictions.is_dir():
+        raise CaffeError("the predictions folder does not exist", path=args.predictions)
     matrix = ConfusionMatrix(args.num_classes)
     start = time.perf_counter()
     meta: dict[str, Any] = {"images": len(samples), "list": str(args.list), "data": str(args.data)}
@@ -422,8 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
         loader = DataLoader(
             EvalDataset(shard, args.num_classes, mean), batch_size=batch_size, num_workers=args.workers,
-            collate_fn=collate_items, pin_memory=device.type == "cuda",
+            collate_fn=collate_items,
         )
+        _make_folders(args)
         crf = CRFWorkers(_crf_params(args), args.crf_workers) if args.crf else None
         outputs = Outputs(predictions=args.save_predictions, scores=args.save_scores, crf=crf)
         try:
@@ -453,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scores.absent:
         print(f"warning: classes absent from ground truth and predictions, left out of the means: "
               f"{', '.join(names[c] for c in scores.absent)}", file=sys.stderr)
+    _make_folders(args)
     write_report(args.out, scores, names, matrix.matrix.cpu().numpy(), meta)
     print(summary_line(scores, len(samples), elapsed, world) + f"; report in {args.out}")
     return 0

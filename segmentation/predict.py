@@ -20,7 +20,7 @@ from tqdm import tqdm
 from converter.atomic import write_atomic
 from converter.errors import CaffeError, listed
 from segmentation.distributed import Dist, resolve_device
-from segmentation.evaluate import RELEASE_PAD, EvalOptions, check_pad, checkpoint_mean, score_images
+from segmentation.evaluate import RELEASE_PAD, EvalOptions, check_pad, checkpoint_mean, class_map, score_images
 from segmentation.overlay import overlay_image
 from segmentation.voc import class_names, save_label_png
 from verify.inputs import caffe_preprocess
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rgb = read_photo(path, args.max_size)
             blob = torch.from_numpy(caffe_preprocess(np.ascontiguousarray(rgb[..., ::-1]), mean)).to(device)
             scores, _ = score_images(model, [blob], options)
-            labels = scores[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+            labels = class_map(scores[0]).to(torch.uint8).cpu().numpy()
             save_label_png(args.out / f"{path.stem}.png", labels)
             picture = overlay_image(rgb, labels, names, args.alpha)
             write_atomic(args.out / f"{path.stem}_overlay.png", lambda temporary: picture.save(temporary, format="PNG"))

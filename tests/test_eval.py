@@ -147,3 +147,25 @@ def test_manifest_mean_is_used(setup: dict[str, Path], tmp_path: Path) -> None:
     assert _eval(setup, tmp_path / "out", "--checkpoint", str(folder)) == 0
     assert json.loads((tmp_path / "out/report.json").read_text())["mean_bgr"] == [104.0, 114.1, 120.1]
     assert checkpoint_mean({}) == (104.008, 116.669, 122.675)
+
+
+def test_crf_option_refines_every_prediction(setup: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("pydensecrf.densecrf")
+    assert _eval(setup, tmp_path / "out", "--checkpoint", str(setup["checkpoint"]), "--crf", "--crf-workers", "1",
+                 "--crf-iterations", "3", "--save-predictions", str(tmp_path / "crf")) == 0
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert "DenseCRF" in report["protocol"] and "iterations=3" in report["protocol"]
+    assert _eval(setup, tmp_path / "again", "--predictions", str(tmp_path / "crf")) == 0
+    assert json.loads((tmp_path / "again/report.json").read_text())["confusion_matrix"] == report["confusion_matrix"]
+
+
+def test_bad_input_before_any_work_leaves_no_folder(setup: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert _eval(setup, out, "--checkpoint", str(tmp_path / "absent")) == 2
+    assert str(tmp_path / "absent") in capsys.readouterr().err
+    assert _eval(setup, out, "--predictions", str(tmp_path / "absent")) == 2
+    assert "the predictions folder does not exist" in capsys.readouterr().err
+    assert _eval(setup, out, "--checkpoint", str(setup["checkpoint"]), "--pad", "100") == 2
+    assert "--pad 100" in capsys.readouterr().err
+    assert not out.exists()
