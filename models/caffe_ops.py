@@ -238,7 +238,8 @@ class CaffePool2d(nn.Module):
         height, width = x.shape[-2:]
         extra_h = max(0, (out_h - 1) * sh + kh - height - ph)
         extra_w = max(0, (out_w - 1) * sw + kw - width - pw)
-        fill = float("-inf") if self.method == "MAX" else 0.0
+        # An empty MAX window (a ceil window starting past an unpadded image) is Caffe's initial -FLT_MAX.
+        fill = torch.finfo(x.dtype).min if self.method == "MAX" else 0.0
         padded = F.pad(x, (pw, extra_w, ph, extra_h), value=fill)
         if self.method == "MAX":
             return F.max_pool2d(padded, self.kernel, self.stride)[..., :out_h, :out_w]
