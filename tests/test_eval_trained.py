@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
+
 
 from eval_case import write_tiny_checkpoint
 from segmentation.demo_data import DemoSpec, write_demo_dataset
@@ -16,15 +16,6 @@ from segmentation.train import main as train_main
 UPDATES = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on the shared 2-core machine OpenMP's spinning threads slow the tiny convs many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _miou(checkpoint: Path, data: Path, out: Path) -> float:
     assert eval_main(["--checkpoint", str(checkpoint), "--data", str(data), "--list", str(data / "list/val.txt"),
                       "--out", str(out), "--workers", "0", "--quiet", "--pad", "0", "--device", "cpu"]) == 0
@@ -32,6 +23,15 @@ def _miou(checkpoint: Path, data: Path, out: Path) -> float:
 
 
 def test_trained_tiny_model_scores_far_above_its_untrained_init(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared 2-core machine: OpenMP's spinning threads slow tiny convs 5x here
+    try:
+        _train_and_compare(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_compare(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_demo_dataset(data, DemoSpec(train=16, val=4, min_size=48, max_size=80))
     init = write_tiny_checkpoint(tmp_path / "init")
