@@ -78,13 +78,43 @@ class CaffeMaxPool2d(nn.MaxPool2d):
         super().__init__(kernel_size, stride=stride, padding=padding, ceil_mode=True)
 
 
+class _EltwiseMaxFirst(torch.autograd.Function):
+    """Caffe's Eltwise MAX with its backward: the whole gradient goes to the FIRST maximal input.
+
+    eltwise_layer.cpp keeps a mask: input 0, then input k replaces the running max only when
+    strictly greater; the backward routes each element's gradient to the masked input.
+    `torch.maximum` splits ties between inputs instead (ties are common in bf16).
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = inputs[0]
+        winner = torch.zeros(out.shape, dtype=torch.uint8, device=out.device)
+        for index, other in enumerate(inputs[1:], start=1):
+            greater = other > out
+            out = torch.where(greater, other, out)
+            winner = torch.where(greater, index, winner)
+        ctx.save_for_backward(winner)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (winner,) = ctx.saved_tensors
+        return tuple(torch.where(winner == index, grad, 0) for index in range(len(ctx.needs_input_grad)))
+
+
 class EltwiseMax(nn.Module):
-    """Caffe Eltwise MAX: the elementwise maximum of inputs that must have identical shapes."""
+    """Caffe Eltwise MAX: the elementwise maximum of inputs that must have identical shapes.
+
+    With gradients on, the backward is Caffe's: the first maximal input takes the gradient.
+    """
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         shapes = [tuple(t.shape) for t in inputs]
         if len(set(shapes)) != 1:
             raise ValueError(f"Eltwise MAX needs inputs of one shape, got {shapes}")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return _EltwiseMaxFirst.apply(*inputs)
         out = inputs[0]
         for other in inputs[1:]:
             out = torch.maximum(out, other)

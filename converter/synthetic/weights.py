@@ -94,21 +94,26 @@ def synthetic_blobs(
     seed: int = 0,
     num_classes: int = 21,
     head_name: str = "fc1_voc12",
+    near_eps: bool = True,
 ) -> dict[str, list[np.ndarray]]:
-    """Caffe blobs (float32, Caffe shapes) of every parameter layer of one tower and the head, calibrated."""
+    """Caffe blobs (float32, Caffe shapes) of every parameter layer of one tower and the head, calibrated.
+
+    `near_eps=False` leaves out the near-eps BatchNorm channels (they catch eps mistakes in conversion,
+    but would magnify updates 300x in training: the demo's training init has none).
+    """
     rng = np.random.default_rng([seed, 0])
     net = deeplab_net_param("single_scale", config, num_classes, CALIBRATION_SIZE, head_name)
     blobs = _draw_blobs(net, head_name, rng)
-    near_eps = {
+    near_eps_channels = {
         layer: (
             np.sort(rng.choice(len(blobs[layer][0]), size=max(1, len(blobs[layer][0]) // 64), replace=False)),
             float(_round_significant(10.0 ** rng.uniform(*NEAR_EPS_VAR_LOG10), STAT_BITS)),
         )
-        for layer in NEAR_EPS_LAYERS
+        for layer in (NEAR_EPS_LAYERS if near_eps else ())
     }
     conv_of_bn = {layer.name: layer.bottom[0] for layer in net.layer if layer.type == "BatchNorm"}
     image = calibration_image(*CALIBRATION_SIZE, seed=seed)
-    _calibrate(config, num_classes, head_name, blobs, conv_of_bn, near_eps, image)
+    _calibrate(config, num_classes, head_name, blobs, conv_of_bn, near_eps_channels, image)
     return blobs
 
 
@@ -119,6 +124,7 @@ def write_synthetic_deeplab(
     seed: int = 0,
     num_classes: int | None = None,
     input_size: tuple[int, int] = (321, 321),
+    near_eps: bool = True,
 ) -> SyntheticFiles:
     """Write the `kind` net's prototxt and a calibrated synthetic caffemodel into `out_dir`.
 
@@ -131,7 +137,7 @@ def write_synthetic_deeplab(
     out.mkdir(parents=True, exist_ok=True)
     prototxt_name, caffemodel_name = FILE_NAMES[kind]
     started = time.perf_counter()
-    blobs = synthetic_blobs(config, seed, classes, head_name)
+    blobs = synthetic_blobs(config, seed, classes, head_name, near_eps)
     log.info("drew and calibrated %d layers' blobs in %.1f s", len(blobs), time.perf_counter() - started)
     net = deeplab_net_param(kind, config, classes, input_size, head_name)
     if kind == "msc_test":
@@ -272,10 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=None, help="head classes (default: 21, or 91 for init)")
     parser.add_argument("--size", type=int, nargs=2, default=(321, 321), metavar=("H", "W"))
     parser.add_argument("--sha256-only", action="store_true", help="print only the caffemodel's sha256")
+    parser.add_argument("--no-near-eps", action="store_true", help="no near-eps BatchNorm channels (an init to train from)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     files = write_synthetic_deeplab(args.out, args.kind, CONFIGS[args.config](), args.seed, args.classes,
-                                    tuple(args.size))
+                                    tuple(args.size), near_eps=not args.no_near_eps)
     if args.sha256_only:
         print(files.sha256)
     else:
