@@ -5,6 +5,7 @@
 - `CaffeMaxPool2d`: MAX pooling with Caffe's ceil rounding of the output size.
 - `EltwiseMax`: Caffe's Eltwise MAX, which requires equal shapes (no broadcasting).
 - `EltwiseSum`: Caffe's Eltwise SUM with optional coefficients, summed left to right.
+- `caffe_batch_norm`: BatchNorm's arithmetic, shared by FrozenBatchNormScale and the registry.
 - `conv_output_size`, `caffe_pool_output_size`: Caffe's output-size formulas.
 """
 
@@ -31,6 +32,25 @@ def caffe_pool_output_size(size: int, kernel: int, stride: int, pad: int) -> int
     return out
 
 
+class SameShape:
+    """Mixin for layers whose output has the first input's shape: the layer registry infers
+    shapes from `output_shapes` without running anything."""
+
+    def output_shapes(self, *shapes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shapes[0]),)
+
+
+def caffe_batch_norm(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """Caffe BatchNorm with given statistics on axis 1: (x - mean) / sqrt(var + eps), in that order.
+
+    var + eps in the statistics' dtype as Caffe adds it; the square root correctly rounded
+    (float64, then rounded): torch.sqrt on float32 CPU can be 1 ulp off IEEE sqrtf.
+    """
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    std = torch.sqrt((var + eps).double()).to(x.dtype).reshape(shape)
+    return (x - mean.to(x.dtype).reshape(shape)) / std
+
+
 class FrozenBatchNormScale(nn.Module):
     """Caffe BatchNorm (global statistics) + Scale (gamma, beta) with everything fixed.
 
@@ -54,13 +74,9 @@ class FrozenBatchNormScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1)
-        # var + eps in the buffers' dtype as Caffe adds it; the square root correctly rounded
-        # (float64, then rounded): torch.sqrt on float32 CPU can be 1 ulp off IEEE sqrtf.
-        std = torch.sqrt((self.running_var + self.eps).double()).to(x.dtype).reshape(shape)
-        mean = self.running_mean.to(x.dtype).reshape(shape)
         gamma = self.weight.to(x.dtype).reshape(shape)
         beta = self.bias.to(x.dtype).reshape(shape)
-        return (x - mean) / std * gamma + beta
+        return caffe_batch_norm(x, self.running_mean, self.running_var, self.eps) * gamma + beta
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -103,7 +119,7 @@ class _EltwiseMaxFirst(torch.autograd.Function):
         return tuple(torch.where(winner == index, grad, 0) for index in range(len(ctx.needs_input_grad)))
 
 
-class EltwiseMax(nn.Module):
+class EltwiseMax(SameShape, nn.Module):
     """Caffe Eltwise MAX: the elementwise maximum of inputs that must have identical shapes.
 
     With gradients on, the backward is Caffe's: the first maximal input takes the gradient.
@@ -121,7 +137,7 @@ class EltwiseMax(nn.Module):
         return out
 
 
-class EltwiseSum(nn.Module):
+class EltwiseSum(SameShape, nn.Module):
     """Caffe Eltwise SUM: coeff[0]*x0 + coeff[1]*x1 + ..., added left to right as Caffe does
     (float32 addition is not associative, so parity depends on the order); no broadcasting.
 

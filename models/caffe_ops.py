@@ -21,33 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.caffe_layers import caffe_pool_output_size, conv_output_size
+from models.caffe_layers import SameShape, caffe_batch_norm, caffe_pool_output_size, conv_output_size
 
 
 Shape = tuple[int, ...]
 
 
-class SameShape:
-    """Mixin for layers whose top has the first bottom's shape (shape inference without running)."""
-
-    def output_shapes(self, *shapes: Shape) -> tuple[Shape, ...]:
-        return (tuple(shapes[0]),)
-
-
 def channel_shape(x: torch.Tensor, axis: int, shape: Sequence[int]) -> tuple[int, ...]:
     """The shape that broadcasts a parameter of `shape` against `x` starting at `axis`."""
     return (1,) * axis + tuple(shape) + (1,) * (x.dim() - axis - len(shape))
-
-
-def caffe_batch_norm(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
-    """Caffe BatchNorm with given statistics on axis 1: (x - mean) / sqrt(var + eps), in that order.
-
-    var + eps in the statistics' dtype as Caffe adds it; the square root correctly rounded
-    (float64, then rounded), since torch.sqrt on float32 CPU can be 1 ulp off IEEE sqrtf.
-    """
-    shape = channel_shape(x, 1, mean.shape)
-    std = torch.sqrt((var + eps).double()).to(x.dtype).reshape(shape)
-    return (x - mean.to(x.dtype).reshape(shape)) / std
 
 
 class CaffeBatchNorm(SameShape, nn.Module):
@@ -124,15 +106,23 @@ class CaffeBias(SameShape, nn.Module):
 class CaffeInnerProduct(nn.Module):
     """Caffe InnerProduct: flattens from `axis`, weight N x K (or K x N with transpose), bias N."""
 
-    def __init__(self, in_features: int, out_features: int, *, axis: int, bias: bool, transpose: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, axis: int, bias: bool, transpose: bool, device: Any = None
+    ) -> None:
         super().__init__()
         self.axis = axis
         self.transpose = transpose
         shape = (in_features, out_features) if transpose else (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(shape))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.weight = nn.Parameter(torch.empty(shape, device=device))
         self.caffe_blobs: tuple[str, ...] = ("weight", "bias") if bias else ("weight",)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation (for nets built without weights)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def output_shapes(self, shape: Shape) -> tuple[Shape, ...]:
         return ((*shape[: self.axis], self.weight.shape[1 if self.transpose else 0]),)
@@ -148,8 +138,8 @@ class CaffeInnerProduct(nn.Module):
 class CaffeConv2d(nn.Conv2d):
     """nn.Conv2d (Caffe's convolution is PyTorch's) with its Caffe blobs named and its output shape."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, device: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, device=device, **kwargs)
         self.caffe_blobs = ("weight", "bias") if self.bias is not None else ("weight",)
 
     def output_shapes(self, shape: Shape) -> tuple[Shape, ...]:
@@ -164,8 +154,8 @@ class CaffeDeconv2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d as Caffe's Deconvolution (weight in x out/group x kh x kw): size
     stride * (n - 1) + dilation * (k - 1) + 1 - 2 * pad."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, device: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, device=device, **kwargs)
         self.caffe_blobs = ("weight", "bias") if self.bias is not None else ("weight",)
 
     def output_shapes(self, shape: Shape) -> tuple[Shape, ...]:

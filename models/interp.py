@@ -106,6 +106,10 @@ class CaffeInterp(nn.Module):
             out_width=self.width,
         )
 
+    def output_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """The output shape for an input of `shape` (the layer registry's shape inference)."""
+        return ((*shape[:-2], *self.output_size(shape[-2], shape[-1])),)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_height, out_width = self.output_size(x.shape[-2], x.shape[-1])
         return caffe_interp(x, out_height, out_width, pad_beg=self.pad_beg, pad_end=self.pad_end)

@@ -42,8 +42,8 @@ def inner_product(spec: LayerSpec) -> nn.Module:
     shape = spec.shapes[0]
     axis = canonical_axis(spec, p.axis, len(shape))
     spec.check(p.num_output > 0, f"num_output must be positive, got {p.num_output}")
-    module = CaffeInnerProduct(
-        math.prod(shape[axis:]), p.num_output, axis=axis, bias=p.bias_term, transpose=p.transpose
+    module = spec.new(
+        CaffeInnerProduct, math.prod(shape[axis:]), p.num_output, axis=axis, bias=p.bias_term, transpose=p.transpose
     )
     return spec.load(module)
 

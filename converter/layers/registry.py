@@ -87,27 +87,34 @@ class LayerSpec:
         if tuple(blob.shape) != tuple(shape):
             if _strip_ones(blob.shape) != _strip_ones(shape) or math.prod(blob.shape) != math.prod(shape):
                 raise self.error(f"weight blob {index} has shape {tuple(blob.shape)}, expected {tuple(shape)}")
-        return torch.from_numpy(np.array(blob, dtype=np.float32).reshape(shape))
+        # No copy: a blob read from a caffemodel is a copy-on-write view of the mapped file, so the
+        # tensor shares it (pages load on first use; writing to the tensor never touches the file).
+        return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(shape))
+
+    def new(self, module_class: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+        """`module_class(*args, **kwargs)`, without PyTorch's random initialisation when the layer's
+        blobs will overwrite every parameter anyway (ResNet-101's init costs more than the build)."""
+        if self.layer.blobs:
+            return nn.utils.skip_init(module_class, *args, **kwargs)
+        return module_class(*args, **kwargs)
 
     def load(self, module: nn.Module) -> nn.Module:
-        """Copy the layer's blobs into `module`'s `caffe_blobs` attributes (stored in Caffe's shapes).
+        """Put the layer's blobs in `module`'s `caffe_blobs` attributes (stored in Caffe's shapes).
 
         The blob count must match; a layer without weights keeps the module's initial values.
         """
         names = getattr(module, "caffe_blobs", ())
         self.blob_count(len(names))
         if self.layer.blobs:
-            with torch.no_grad():
-                for index, name in enumerate(names):
-                    target = module.get_parameter(name) if _is_parameter(module, name) else module.get_buffer(name)
-                    target.copy_(self.blob(index, tuple(target.shape)))
+            for index, name in enumerate(names):
+                path, _, attr = name.rpartition(".")
+                owner = module.get_submodule(path) if path else module
+                value = self.blob(index, tuple(getattr(owner, attr).shape))
+                if attr in owner._parameters:
+                    owner._parameters[attr] = nn.Parameter(value)
+                else:
+                    owner._buffers[attr] = value
         return module
-
-
-def _is_parameter(module: nn.Module, name: str) -> bool:
-    owner_path, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    return attr in owner._parameters
 
 
 def _strip_ones(shape: Sequence[int]) -> tuple[int, ...]:

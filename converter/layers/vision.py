@@ -66,8 +66,8 @@ def _convolution(spec: LayerSpec, module_class: type[nn.Module]) -> nn.Module:
     spec.check(p.group > 0, f"group must be positive, got {p.group}")
     spec.check(channels % p.group == 0, f"group {p.group} does not divide the {channels} input channels")
     spec.check(p.num_output % p.group == 0, f"group {p.group} does not divide num_output {p.num_output}")
-    module = module_class(
-        channels, p.num_output, g.kernel, stride=g.stride, padding=g.pad, dilation=g.dilation,
+    module = spec.new(
+        module_class, channels, p.num_output, g.kernel, stride=g.stride, padding=g.pad, dilation=g.dilation,
         groups=p.group, bias=p.bias_term,
     )
     return _per_bottom(spec, spec.load(module))
