@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from converter.build_cli import add_commands as add_build_commands
 from converter.checkpoint import CheckpointPaths, file_record, new_manifest, write_checkpoint
 from converter.deeplab.convert import convert_deeplab
 from converter.deeplab.names import config_from_state_dict
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     legacy.add_argument("--from-legacy", required=True, help="state dict with Scale.* keys")
     legacy.add_argument("--out", required=True, help="output folder")
     legacy.set_defaults(run=run_import_legacy)
+    add_build_commands(commands)
     return parser
 
 

@@ -610,16 +610,6 @@ class Identity(SameShape, nn.Module):
         return x
 
 
-class Silence(nn.Module):
-    """Caffe Silence: consumes its bottoms, makes no top."""
-
-    def output_shapes(self, *shapes: Shape) -> tuple[Shape, ...]:
-        return ()
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return ()
-
-
 class PerBottom(nn.Module):
     """A layer with several bottom/top pairs (Convolution allows it): one module, applied to each."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -23,7 +24,9 @@ from converter.errors import CaffeError, listed
 log = logging.getLogger(__name__)
 
 
-def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) -> Net:
+def load_net(
+    weights: PathLike | None = None, prototxt: PathLike | None = None, defines: Mapping[str, str] | None = None
+) -> Net:
     """The net to convert: structure from `prototxt` if given, else from the caffemodel; blobs by layer name.
 
     `weights` is a binary caffemodel or Caffe HDF5 weights (by content, or a .h5/.hdf5
@@ -31,11 +34,12 @@ def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) 
     the same name (the last one, when names repeat, as Caffe's CopyTrainedLayersFrom
     leaves it); weights layers the prototxt lacks are ignored, logged and listed in `ignored_layers`. The Net's
     path is the weights file; unknown fields are prefixed with their file's name.
+    `defines` fills the prototxt's `${NAME}` placeholders (`prototxt.substitute_defines`).
     """
     if weights is None and prototxt is None:
         raise CaffeError("nothing to load: give a caffemodel (weights) and/or a prototxt")
     if weights is None:
-        return read_prototxt(prototxt)  # type: ignore[arg-type]
+        return read_prototxt(prototxt, defines)  # type: ignore[arg-type]
     weights_path = input_file(weights)
     hdf5 = looks_like_hdf5(weights_path) or weights_path.name.lower().endswith(HDF5_SUFFIXES)
     if prototxt is None:
@@ -44,7 +48,7 @@ def load_net(weights: PathLike | None = None, prototxt: PathLike | None = None) 
         if hdf5:
             raise CaffeError("HDF5 weights hold no layer definitions: give the prototxt too", path=weights_path)
         return read_caffemodel(weights_path)
-    structure = read_prototxt(prototxt)
+    structure = read_prototxt(prototxt, defines)
     source = read_hdf5_weights(weights_path) if hdf5 else read_caffemodel(weights_path)
     blobs_by_name = {layer.name: layer.blobs for layer in source.layers if layer.blobs}
     layers = tuple(dataclasses.replace(layer, blobs=blobs_by_name.get(layer.name, ())) for layer in structure.layers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from google.protobuf import text_format
@@ -36,14 +36,43 @@ def parse_prototxt_text(text: str, path: PathLike = "<text>") -> Any:
     return param
 
 
-def read_prototxt(path: PathLike) -> Net:
-    """The net defined by a .prototxt file (V1 text upgraded); its layers have no blobs unless the text holds some."""
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # `${NAME}` in DeepLab's prototxt templates
+
+
+def substitute_defines(text: str, defines: Mapping[str, str], path: PathLike = "<text>") -> str:
+    """`text` with each `${NAME}` replaced by `defines[NAME]`; a NAME the text never uses is a CaffeError
+    (a misspelt --define would otherwise pass silently). Undefined placeholders stay as they are."""
+    used = {match.group(1) for match in PLACEHOLDER.finditer(text)}
+    unused = sorted(set(defines) - used)
+    if unused:
+        raise CaffeError(f"--define {', '.join(unused)}: no such ${{...}} placeholder in the file", path=path)
+    return PLACEHOLDER.sub(lambda m: str(defines.get(m.group(1), m.group(0))), text)
+
+
+def read_prototxt(path: PathLike, defines: Mapping[str, str] | None = None) -> Net:
+    """The net defined by a .prototxt file (V1 text upgraded); its layers have no blobs unless the text holds some.
+
+    `defines` fills `${NAME}` placeholders first (`substitute_defines`).
+    """
     p = input_file(path)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CaffeError(f"not a text prototxt (not UTF-8 at byte {exc.start})", path=p) from None
-    param, unknown = _parse_text(text, p)
+    return prototxt_net(text if defines is None else substitute_defines(text, defines, p), p)
+
+
+def prototxt_net(text: str, path: PathLike = "<text>") -> Net:
+    """The net defined by prototxt `text` (as `read_prototxt` reads a file); `path` names it in errors."""
+    p = Path(path)
+    try:
+        param, unknown = _parse_text(text, p)
+    except CaffeError as error:
+        undefined = sorted({match.group(1) for match in PLACEHOLDER.finditer(text)})
+        if not undefined:
+            raise
+        raise CaffeError(f"{error.message} (placeholders {', '.join(undefined)} are undefined: give --define NAME=VALUE)",
+                         path=p) from None
     if len(param.layer) and len(param.layers):
         raise CaffeError("mixes current `layer` and V1 `layers` definitions", path=p)
     if not len(param.layer) and not len(param.layers):

@@ -1,5 +1,5 @@
 """Converters for layers that combine or reshape blobs: InnerProduct, Eltwise, Concat, Slice, Split,
-Flatten, Reshape, Softmax, ArgMax, Permute, Reduction, Tile, Silence."""
+Flatten, Reshape, Softmax, ArgMax, Permute, Reduction, Tile (Silence: the graph builder)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from models.caffe_ops import (
     Permute,
     Reduction,
     Reshape,
-    Silence,
     Slice,
     Softmax,
     Split,
@@ -190,10 +189,3 @@ def tile(spec: LayerSpec) -> nn.Module:
     p = spec.param.tile_param
     spec.check(p.tiles > 0, f"tiles must be positive, got {p.tiles}")
     return Tile(canonical_axis(spec, p.axis, len(spec.shapes[0])), p.tiles)
-
-
-@register("Silence")
-def silence(spec: LayerSpec) -> nn.Module:
-    """Consumes its bottoms (so they are not net outputs); no top."""
-    spec.tops(0)
-    return Silence()

@@ -4,6 +4,8 @@
   tops are blobs the caller feeds. Shapes come from the net where it states them (Input,
   legacy `input_shape`/`input_dim`, DummyData, MemoryData, a data layer's crop_size) or
   from the caller (`--input-shape NAME=N,C,H,W`).
+- Silence layers are left out; what they consume is not an output (and an input only they
+  read need not be fed).
 - Losses, accuracy and writer layers (SegAccuracy, MatWrite, HDF5Output) are left out at
   test time and listed; so are layers whose include/exclude rules leave them out of the phase.
 """
@@ -20,6 +22,8 @@ INPUT_TYPES = frozenset(
     {"Input", "Data", "ImageData", "ImageSegData", "HDF5Data", "MemoryData", "WindowData", "DummyData", "AnnotatedData"}
 )
 DROPPED_TYPES = frozenset({"Accuracy", "SegAccuracy", "MatWrite", "HDF5Output"})
+# Silence computes nothing: the builder leaves it out, but the blobs it consumes are not net outputs.
+SILENCE = "Silence"
 PHASES = ("TRAIN", "TEST")
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from converter.caffe.netdesc import Layer, Net
 from converter.errors import CaffeError
-from converter.layers.data import INPUT_TYPES, in_phase, is_dropped_type, stated_shapes
+from converter.layers.data import INPUT_TYPES, SILENCE, in_phase, is_dropped_type, stated_shapes
 from converter.layers.registry import LayerSpec, Shape, converter_for
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,7 @@ class _Builder:
         self.kept: list[tuple[Layer, LayerInfo]] = []
         self.left_out: list[LeftOut] = []
         self.consumed: set[str] = set()
+        self.silenced: set[str] = set()
 
     def error(self, message: str, layer: str | None = None) -> CaffeError:
         return CaffeError(message, path=self.path, layer=layer)
@@ -277,6 +278,10 @@ class _Builder:
                 self.left_out.append(LeftOut(layer.name, layer.type, f"not in the {self.phase} phase"))
             elif layer.type in INPUT_TYPES:
                 self._declare_inputs(layer)
+            elif layer.type == SILENCE:
+                self._check_bottoms(layer)
+                self.silenced.update(layer.bottoms)
+                self.left_out.append(LeftOut(layer.name, layer.type, "consumes its bottoms; nothing to compute"))
             elif is_dropped_type(layer.type):
                 self.left_out.append(LeftOut(layer.name, layer.type, "loss/accuracy/writer layer, not run at inference"))
             else:
@@ -343,9 +348,7 @@ class _Builder:
             key = f"{layer_key(layer.name)}%23{repeat}"
             repeat += 1
         registration = converter_for(layer, self.path)
-        for bottom in layer.bottoms:
-            if bottom not in self.shapes:
-                raise self.error(self._missing_bottom(layer, bottom), layer.name)
+        self._check_bottoms(layer)
         for i, top in enumerate(layer.tops):
             in_place = i < len(layer.bottoms) and layer.bottoms[i] == top
             if top in self.shapes and not in_place:
@@ -381,6 +384,11 @@ class _Builder:
             parameters=0,
         )
         self.kept.append((layer, info))
+
+    def _check_bottoms(self, layer: Layer) -> None:
+        for bottom in layer.bottoms:
+            if bottom not in self.shapes:
+                raise self.error(self._missing_bottom(layer, bottom), layer.name)
 
     def _missing_bottom(self, layer: Layer, bottom: str) -> str:
         later = [other for other in self.net.layers if bottom in other.tops and other is not layer]
@@ -527,7 +535,7 @@ class _Builder:
                 available.pop(bottom, None)
             for top in layer.tops:
                 available[top] = None
-        return tuple(available)
+        return tuple(name for name in available if name not in self.silenced)
 
 
 def _first_line(exc: BaseException) -> str:

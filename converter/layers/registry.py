@@ -28,6 +28,7 @@ from torch import nn
 
 from converter.caffe.netdesc import Layer
 from converter.errors import CaffeError, listed
+from converter.layers.data import INPUT_TYPES, SILENCE
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,9 @@ def registration(type_name: str) -> Registration | None:
 
 
 def supported_types() -> tuple[str, ...]:
-    """Every registered Caffe type name, sorted."""
+    """Every Caffe type a net may use: the registered converters, the input/data layers and Silence."""
     _load_builtins()
-    return tuple(sorted(_REGISTRY))
+    return tuple(sorted(set(_REGISTRY) | INPUT_TYPES | {SILENCE}))
 
 
 def converter_for(layer: Layer, path: str) -> Registration:
@@ -195,7 +196,7 @@ def load_plugin(module_name: str) -> None:
         raise CaffeError(f"plugin module '{module_name}' failed while importing: {type(exc).__name__}: {exc}") from None
 
 
-_BUILTIN_MODULES = ("vision", "normalization", "activation", "common", "data")
+_BUILTIN_MODULES = ("vision", "normalization", "activation", "common")
 
 
 def _load_builtins() -> None:
