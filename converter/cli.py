@@ -21,6 +21,7 @@ from converter.checkpoint import CheckpointPaths, file_record, new_manifest, wri
 from converter.deeplab.convert import convert_deeplab
 from converter.deeplab.names import config_from_state_dict
 from converter.errors import CaffeError
+from converter.export.cli import add_export_commands
 from converter.deeplab.legacy_port import LEGACY_BN_EPS, from_legacy, to_legacy
 from converter.caffe.load import load_net, net_definition_text
 from converter.deeplab.surgery import SurgeryReport, head_classes, replace_head
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     legacy.add_argument("--from-legacy", required=True, help="state dict with Scale.* keys")
     legacy.add_argument("--out", required=True, help="output folder")
     legacy.set_defaults(run=run_import_legacy)
+    add_export_commands(commands)
     add_build_commands(commands)
     return parser
 

@@ -25,6 +25,7 @@ from converter.caffe.prototxt import read_prototxt
 from models.deeplab import ResNetConfig
 from verify.activations import read_activations
 from verify.compare import ModelSpec, torch_device, verify_state_dict
+from verify.onnx import run_onnx
 from verify.opencv_reference import default_feed, produce_opencv_reference
 from verify.report import summary_line, write_report
 from verify.verdict import parity_record, record_parity
@@ -36,7 +37,9 @@ REFERENCE_FILE = "reference_opencv.h5"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m verify", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder written by the converter")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint folder written by the converter")
+    parser.add_argument("--onnx", type=Path, help="verify this exported ONNX file (with --reference) "
+                        "instead of a checkpoint, end to end on the blobs the graph outputs")
     parser.add_argument("--reference", type=Path,
                         help="reference-activations HDF5 to verify against (its own /inputs are fed)")
     parser.add_argument("--prototxt", type=Path, help="net to run in OpenCV when no --reference is given "
@@ -54,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Verify, report, record; returns the exit code (CaffeError propagates for bad input)."""
+    if args.onnx is not None:
+        return run_onnx(args)
+    if args.checkpoint is None:
+        raise CaffeError("give --checkpoint (or --onnx with --reference)")
     started = time.perf_counter()
     torch_device(args.device)  # a bad --device fails before any reference is produced
     checkpoint_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent

@@ -1,4 +1,4 @@
-"""A checkpoint folder back to a binary .caffemodel for a given net definition: the reverse of `convert`.
+"""A checkpoint folder back to a binary .caffemodel for a given net definition: the reverse of `convert`/`build`.
 
 DeepLab checkpoints (converted or training snapshots) are written through the one name map
 (`converter.deeplab.names`), read backwards: BatchNorm statistics with moving-average factor 1
@@ -6,7 +6,9 @@ DeepLab checkpoints (converted or training snapshots) are written through the on
 towers' shared weights once per tower layer the prototxt has, as the deeplab-v2 fork saves them.
 Before the file is moved into place it is converted back (`convert_deeplab` reading the written
 bytes); the result must equal the checkpoint's tensors bit for bit (names, dtypes, shapes, bytes),
-so a prototxt that does not fit the checkpoint fails here and nothing is written.
+so a prototxt that does not fit the checkpoint fails here and nothing is written. Registry-built
+checkpoints (`python -m converter build`) are written through the registry: the prototxt is built,
+the checkpoint loaded into it strictly, and every layer's blobs are read back in Caffe's order.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from converter.deeplab.names import (
 )
 from converter.errors import CaffeError, listed
 from converter.export.record import sidecar, source_record, write_sidecar
+from converter.layers import ARCH as CAFFE_NET_ARCH
+from converter.layers import build_net
+from converter.loading import load_weights_strictly
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +117,29 @@ def deeplab_round_trip(caffemodel: Path) -> dict[str, torch.Tensor]:
     return convert_deeplab(load_net(weights=caffemodel)).state_dict
 
 
+def registry_caffe_blobs(state_dict: Mapping[str, torch.Tensor], net: Net, manifest: Mapping[str, Any]) -> Blobs:
+    """The Caffe blobs of a registry-built checkpoint for `net`: the net is built from the prototxt, the
+    checkpoint loaded into it strictly (a misfit names every key), and each layer gives its blobs in Caffe's
+    order and shapes (BatchNorm with factor 1; a shared parameter written in every layer that uses it)."""
+    model = build_net(net)
+    load_weights_strictly(model, state_dict, source=net.path)
+    blobs: Blobs = {}
+    for info in model.graph.layers:
+        arrays = [tensor.detach().cpu().contiguous().numpy() for tensor in model.caffe_blobs(info.name)]
+        if arrays:
+            blobs[info.name] = arrays
+    return blobs
+
+
+def registry_round_trip(caffemodel: Path) -> dict[str, torch.Tensor]:
+    """The state dict the registry builds from a written caffemodel (its own net definition)."""
+    return dict(build_net(load_net(weights=caffemodel)).state_dict())
+
+
 # The manifest's model arch -> (blobs from the state dict, state dict converted back from the written file).
 EXPORTERS: dict[str, tuple[Callable[..., Blobs], Callable[[Path], dict[str, torch.Tensor]]]] = {
     ARCH: (deeplab_caffe_blobs, deeplab_round_trip),
+    CAFFE_NET_ARCH: (registry_caffe_blobs, registry_round_trip),
 }
 
 

@@ -52,7 +52,7 @@ from converter.errors import CaffeError, listed
 from converter.deeplab.names import DEFAULT_HEAD_NAME, caffe_msc_blob_taps
 from converter.export.record import sidecar, source_record, write_sidecar
 from converter.layers import ARCH as CAFFE_NET_ARCH
-from converter.layers import CaffeNet, layer_key, layer_name
+from converter.layers import CaffeNet, layer_name
 from converter.loading import build_model
 from models.alignment import is_aligned
 from models.caffe_ops import CaffePool2d
@@ -220,7 +220,7 @@ def check_pooling_opset(model: nn.Module, opset: int) -> None:
 
 
 def _caffe_layer(module_name: str) -> str:
-    """The Caffe layer a module path belongs to (a registry net's `layers.<key>`), else the path itself."""
+    """The Caffe layer a module path belongs to (a registry net's `[net.]layers.<key>`), else the path itself."""
     head, _, rest = module_name.partition("layers.")
     return layer_name(rest.split(".")[0]) if head in ("", "net.") and rest else module_name
 
@@ -315,7 +315,8 @@ def check_outputs(graph: nn.Module, session: Any, feeds: Sequence[Feed]) -> list
 def export_graph(graph: nn.Module, feed: Feed, *, opset: int, dynamic_size: bool) -> Any:
     """The ONNX ModelProto of `graph` from torch's dynamo exporter (its progress chatter kept off stdout).
 
-    An operation the exporter cannot express is a CaffeError naming the Caffe layer whose module holds it.
+    The graph is captured with `torch.export` first, so an operation ONNX cannot express is traced back to
+    the module that runs it: the CaffeError names the Caffe layer and the operation.
     """
     example = tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in graph.input_names)
     dynamic_shapes = None
@@ -324,35 +325,67 @@ def export_graph(graph: nn.Module, feed: Feed, *, opset: int, dynamic_size: bool
         width = torch.export.Dim("width", min=SIZE_RANGE[0], max=SIZE_RANGE[1])
         dynamic_shapes = ({2: height, 3: width},)
     chatter = io.StringIO()
+    exported = None
     try:
         with contextlib.redirect_stdout(chatter), torch.no_grad():
-            program = torch.onnx.export(
-                graph, example, dynamo=True, opset_version=opset, input_names=list(graph.input_names),
-                output_names=list(graph.output_names), dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
-            )
+            exported = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes, strict=False,
+                                           prefer_deferred_runtime_asserts_over_guards=True)
+            program = torch.onnx.export(exported, dynamo=True, opset_version=opset, verbose=False, optimize=True)
     except Exception as error:  # the exporter raises many types; say which layer's operation could not be expressed
         log.debug("exporter output:\n%s", chatter.getvalue())
         text = str(error)
-        layer = _failing_layer(graph, text)
         op = _OPERATOR.search(text)
-        what = f"operation {op.group(0)}" if op else (text.strip().splitlines() or [type(error).__name__])[0]
-        raise CaffeError(f"ONNX (opset {opset}, torch.onnx dynamo exporter) cannot express {what}",
-                         layer=layer) from None
+        what = f"the operation {op.group(1)}" if op else (text.strip().splitlines() or [type(error).__name__])[0]
+        raise CaffeError(f"ONNX opset {opset} (torch.onnx dynamo exporter) cannot express {what}",
+                         layer=_failing_layer(exported, text)) from None
     log.debug("exporter output:\n%s", chatter.getvalue())
-    return program.model_proto
+    model = program.model_proto
+    _name_values(model, [value.name for value in model.graph.input], graph.input_names)
+    _name_values(model, [value.name for value in model.graph.output], graph.output_names)
+    return model
 
 
-_OPERATOR = re.compile(r"(aten|prims)::?[\w.]+")
+def _name_values(model: Any, current: Sequence[str], wanted: Sequence[str]) -> None:
+    """Give graph values Caffe's blob names. The exporter names internal values after operations ('exp',
+    'max', ...), so a Caffe name already taken by an internal value moves that value aside first."""
+    graph = model.graph
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    taken |= {value.name for value in (*graph.input, *graph.output, *graph.initializer)}
+    for old, new in zip(current, wanted):
+        if old == new:
+            continue
+        if new in taken:
+            spare = next(f"{new}__{n}" for n in range(1, len(taken) + 2) if f"{new}__{n}" not in taken)
+            _rename_value(graph, new, spare)
+            taken.add(spare)
+        _rename_value(graph, old, new)
+        taken.add(new)
 
 
-def _failing_layer(graph: nn.Module, message: str) -> str | None:
-    """The Caffe layer an exporter error points at: the registry net's layer whose module path the error names."""
-    net = getattr(graph, "net", None)
-    if not isinstance(net, CaffeNet):
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if value.name == old:
+            value.name = new
+
+
+_OPERATOR = re.compile(r"OpOverload\(op='([\w.]+)'")
+_FAILED_NODE = re.compile(r"translating node %(\w+)")
+
+
+def _failing_layer(exported: Any, message: str) -> str | None:
+    """The Caffe layer (or module path) whose module ran the graph node the exporter could not translate."""
+    node_name = _FAILED_NODE.search(message)
+    if exported is None or node_name is None:
         return None
-    named = [info.name for info in net.graph.layers if f"layers.{layer_key(info.name)}" in message
-             or f"layers_{layer_key(info.name)}" in message]
-    return max(named, key=len) if named else None
+    for node in exported.graph.nodes:
+        if node.name == node_name.group(1):
+            stack = node.meta.get("nn_module_stack") or {}
+            paths = [path for path, _ in stack.values() if path]
+            return _caffe_layer(paths[-1]) if paths else None
+    return None
 
 
 def write_onnx(
