@@ -266,6 +266,7 @@ class _Builder:
         self.left_out: list[LeftOut] = []
         self.consumed: set[str] = set()
         self.silenced: set[str] = set()
+        self.param_names: set[str] = set()  # `param { name }` seen so far (their later users are tied)
 
     def error(self, message: str, layer: str | None = None) -> CaffeError:
         return CaffeError(message, path=self.path, layer=layer)
@@ -362,7 +363,11 @@ class _Builder:
         bottom_shapes = tuple(
             self._input_shape(b, layer.name) if b in self.inputs else self.shapes[b] for b in layer.bottoms
         )
-        spec = LayerSpec(layer=layer, shapes=bottom_shapes, path=self.path)
+        names = [spec.name for spec in layer.param.param]
+        sharer = bool(layer.blobs) and len(names) >= len(layer.blobs)
+        sharer = sharer and all(name in self.param_names for name in names[: len(layer.blobs)])
+        self.param_names.update(name for name in names if name)
+        spec = LayerSpec(layer=layer, shapes=bottom_shapes, path=self.path, copy_blobs=not sharer)
         module = registration.convert(spec)
         if not isinstance(module, nn.Module):
             raise self.error(f"converter {registration.qualname} returned {type(module).__name__}, not an nn.Module", layer.name)

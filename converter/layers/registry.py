@@ -42,6 +42,7 @@ class LayerSpec:
     layer: Layer
     shapes: tuple[Shape, ...]
     path: str  # the net's file, for error messages
+    copy_blobs: bool = True  # False for a layer whose every blob is shared with an earlier one (tied after)
 
     @property
     def param(self) -> Any:
@@ -88,9 +89,11 @@ class LayerSpec:
         if tuple(blob.shape) != tuple(shape):
             if _strip_ones(blob.shape) != _strip_ones(shape) or math.prod(blob.shape) != math.prod(shape):
                 raise self.error(f"weight blob {index} has shape {tuple(blob.shape)}, expected {tuple(shape)}")
-        # No copy: a blob read from a caffemodel is a copy-on-write view of the mapped file, so the
-        # tensor shares it (pages load on first use; writing to the tensor never touches the file).
-        return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(shape))
+        # One copy into fresh (aligned) memory: a view of the mapped file would save it, but BLAS picks its
+        # kernels by alignment, so a build and its reload from the checkpoint would differ in the last bits.
+        # Blobs that will be replaced by an earlier layer's shared tensor stay views (no read, no copy).
+        tensor = torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(shape))
+        return tensor.clone() if self.copy_blobs else tensor
 
     def new(self, module_class: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
         """`module_class(*args, **kwargs)`, without PyTorch's random initialisation when the layer's
