@@ -11,8 +11,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from converter.caffe.prototxt import prototxt_net
 from converter.checkpoint import ARCH, read_checkpoint
 from converter.errors import CaffeError, listed
+from converter.layers import ARCH as CAFFE_NET_ARCH
+from converter.layers import build_net, load_plugin
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 
 
@@ -37,15 +40,28 @@ def load_weights_strictly(model: torch.nn.Module, state_dict: Mapping[str, torch
     model.load_state_dict(dict(state_dict), strict=True)
 
 
-def _build_deeplab(entry: dict[str, Any], *, msc: bool) -> torch.nn.Module:
+def _build_deeplab(manifest: dict[str, Any], *, msc: bool, path: str | Path) -> torch.nn.Module:
     """DeepLab-v2 (multi-scale or single-scale) from the manifest's model entry, weights not loaded yet."""
+    entry = manifest["model"]
     config = ResNetConfig(**entry["config"])
     model_class = DeepLabV2MSC if msc else DeepLabV2
     return model_class(num_classes=entry["num_classes"], config=config, bn_eps=entry["bn_eps"])
 
 
+def _build_caffe_net(manifest: dict[str, Any], *, msc: bool, path: str | Path) -> torch.nn.Module:
+    """A registry-built net (`python -m converter build`) rebuilt from the net text its manifest keeps,
+    with the phase, input shapes and plugins recorded at build time (`msc` does not apply)."""
+    entry, text = manifest["model"], manifest.get("prototxt_text")
+    if not isinstance(text, str) or not text:
+        raise CaffeError("manifest of a caffe_net checkpoint has no prototxt_text to rebuild the net from", path=path)
+    for module in entry.get("plugins") or []:
+        load_plugin(module)
+    net = prototxt_net(text, path)
+    return build_net(net, phase=entry.get("phase", "TEST"), input_shapes=entry.get("input_shapes") or {})
+
+
 # The manifest's model arch -> the function that builds its (untrained) module.
-BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {ARCH: _build_deeplab}
+BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {ARCH: _build_deeplab, CAFFE_NET_ARCH: _build_caffe_net}
 
 
 def build_model(
@@ -56,7 +72,7 @@ def build_model(
     builder = BUILDERS.get(entry.get("arch"))
     if builder is None:
         raise CaffeError(f"manifest describes arch {entry.get('arch')!r}, expected one of {listed(sorted(BUILDERS))}", path=source)
-    model = builder(entry, msc=msc)
+    model = builder(manifest, msc=msc, path=source)
     load_weights_strictly(model, state_dict, source=source)
     return model.eval()
 
