@@ -28,9 +28,10 @@ DEVICE ?= cpu
 
 DEMO := build/demo
 DEMO_CONFIG ?= resnet101
+DEMO_TRAIN_ITER := 40
 
 .PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs clean \
-	eval predict bench-eval
+	eval predict bench-eval train demo-data bench-train
 
 help:
 	@echo "make demo                 whole pipeline on synthetic DeepLab-v2 caffemodels (creates .venv)"
@@ -42,6 +43,9 @@ help:
 	@echo "make eval PREDICTIONS=<folder of <id>.png> DATA=... LIST=... OUT=...   (score saved label PNGs)"
 	@echo "make predict IMAGES='<files or folders>' CHECKPOINT=<folder> OUT=<folder>"
 	@echo "make bench-eval [BENCH_CONFIG=resnet101|tiny] [ARGS='--sizes 321 513 ...']"
+	@echo "make train [CHECKPOINT=<folder>] DATA=<root> LIST=<list> OUT=<folder> [SOLVER=...] [TRAIN_NET=...] [MAX_ITER=...] [DEVICE=auto] [ARGS='--define EXP=voc12 ...']"
+	@echo "make demo-data OUT=<folder>     a small synthetic VOC-layout dataset"
+	@echo "make bench-train [BENCH_CONFIG=resnet101|tiny] [ARGS='--updates 5 ...']"
 
 setup: $(SETUP)
 
@@ -69,7 +73,14 @@ demo: $(SETUP)
 	@echo "== demo 3/3: verify parity against the OpenCV oracle"
 	$(PY) -m verify --checkpoint $(DEMO)/voc12
 	$(PY) -m verify --checkpoint $(DEMO)/init
-	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders"
+	@echo "== demo training: tiny init (no near-eps BatchNorm channels) converted with surgery, verified, trained $(DEMO_TRAIN_ITER) updates on synthetic data"
+	$(PY) -m converter.synthetic --kind init --config tiny --no-near-eps --seed 0 --out $(DEMO)/caffe_tiny
+	$(PY) -m converter convert --caffemodel $(DEMO)/caffe_tiny/init.caffemodel --out $(DEMO)/init_tiny --surgery auto --classes 21
+	$(PY) -m verify --checkpoint $(DEMO)/init_tiny
+	$(PY) -m segmentation demo-data --out $(DEMO)/data
+	$(PY) -m segmentation train --checkpoint $(DEMO)/init_tiny --data $(DEMO)/data --list $(DEMO)/data/list/train.txt \
+		--out $(DEMO)/train --max-iter $(DEMO_TRAIN_ITER) --crop-size 129 --device cpu --threads 1
+	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders, trained snapshot $(DEMO)/train/iter_$(DEMO_TRAIN_ITER)"
 
 verify-parity: $(SETUP)
 	$(PY) -m verify --checkpoint "$(CHECKPOINT)" $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
@@ -102,6 +113,27 @@ predict: $(SETUP)
 bench-eval: BENCH_CONFIG ?= resnet101
 bench-eval: $(SETUP)
 	$(PY) -m benchmarks.bench_eval --config $(BENCH_CONFIG) $(ARGS)
+
+# Training (issue 9): python -m segmentation train; ARGS='<more options>' (see --help).
+# Per-target defaults: CHECKPOINT the converted init (make convert CAFFEMODEL=data/init.caffemodel),
+# DATA the demo dataset, OUT build/train, DEVICE auto (CUDA when available).
+train: TRAIN_CHECKPOINT = $(if $(filter command line environment,$(origin CHECKPOINT)),$(CHECKPOINT),build/checkpoints/init)
+train: DATA ?= $(DEMO)/data
+train: LIST ?= $(DATA)/list/train.txt
+train: TRAIN_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),build/train)
+train: TRAIN_DEVICE = $(if $(filter command line environment,$(origin DEVICE)),$(DEVICE),auto)
+train: $(SETUP)
+	$(PY) -m segmentation train --checkpoint "$(TRAIN_CHECKPOINT)" --data "$(DATA)" --list "$(LIST)" \
+		--out "$(TRAIN_OUT)" --device $(TRAIN_DEVICE) $(if $(SOLVER),--solver "$(SOLVER)") \
+		$(if $(TRAIN_NET),--train-net "$(TRAIN_NET)") $(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(ARGS)
+
+demo-data: DEMO_DATA_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(DEMO)/data)
+demo-data: $(SETUP)
+	$(PY) -m segmentation demo-data --out "$(DEMO_DATA_OUT)" $(ARGS)
+
+# (a) the earlier port's configuration vs (b) the trainer's fast defaults; CUDA: ResNet-101, CPU: tiny.
+bench-train: $(SETUP)
+	$(PY) -m benchmarks.bench_train $(if $(filter command line environment,$(origin BENCH_CONFIG)),--config $(BENCH_CONFIG)) $(ARGS)
 
 test: $(SETUP)
 	$(PY) -m pytest -q

@@ -20,7 +20,6 @@ import io
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,13 +34,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from converter.atomic import write_atomic
+from converter.atomic import replace_folder, write_atomic
 from converter.checkpoint import (
     SAFETENSORS_FILE,
     file_record,
+    is_checkpoint_folder,
     new_manifest,
     read_checkpoint,
     sha256_file,
+    update_manifest,
     write_checkpoint,
 )
 from converter.errors import CaffeError, listed
@@ -308,15 +309,12 @@ def save_snapshot(
     parent: dict[str, Any],
     parent_manifest: dict[str, Any],
 ) -> Path:
-    """Write OUT/iter_<update>/ atomically: the checkpoint files plus trainer_state.pt, vouched for by the manifest.
+    """Write OUT/iter_<update>/ as one unit: the checkpoint files plus trainer_state.pt, vouched for by the manifest.
 
-    Everything is written into a hidden sibling folder that is renamed into place when complete, so an
-    interrupted run leaves its earlier snapshots intact and never a half-written one under iter_<N>.
+    The folder is built in a staging folder beside it and put in place at once
+    (`converter.atomic.replace_folder`), so an interrupted run leaves its earlier snapshots intact
+    and never a half-written one under iter_<N>.
     """
-    final = snapshot_dir(out, update)
-    partial = out / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     state = {
         "update": update,
         "optimizer": optimizer.state_dict(),
@@ -324,7 +322,6 @@ def save_snapshot(
         "rng": {"torch": torch.get_rng_state()},
         "data_order": {"seed": config.seed, "next_slot": update * config.effective_batch},
     }
-    torch.save(state, partial / STATE_FILE)
     manifest = new_manifest(
         inputs={"parent_checkpoint": parent["weights"]},
         prototxt_text=parent_manifest.get("prototxt_text"),
@@ -335,19 +332,19 @@ def save_snapshot(
     manifest[PARITY_KEY] = inherited_parity(parent)
     manifest["parent"] = parent
     manifest["training"] = {"update": update, "config": config.to_json()}
-    manifest["trainer_state"] = {"file": STATE_FILE, "sha256": sha256_file(partial / STATE_FILE)}
     manifest["preprocessing"] = {"mean_bgr": list(config.train_net["mean_bgr"])}
     state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    write_checkpoint(partial, state_dict, manifest)
-    if final.exists():
-        stale = out / f".{final.name}.replaced"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(partial, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(partial, final)
-    return final
+
+    def build(staging: Path) -> None:
+        files = staging / "checkpoint"
+        write_checkpoint(files, state_dict, manifest)
+        for item in files.iterdir():
+            os.replace(item, staging / item.name)
+        files.rmdir()
+        torch.save(state, staging / STATE_FILE)
+        update_manifest(staging, "trainer_state", {"file": STATE_FILE, "sha256": sha256_file(staging / STATE_FILE)})
+
+    return replace_folder(snapshot_dir(out, update), build, owned=is_checkpoint_folder)
 
 
 def read_trainer_state(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -647,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, help="frozen BatchNorm+Scale as one multiply-add")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     speed.add_argument("--workers", type=int, help="data-loader worker processes (default: 8 on CUDA, 2 on CPU)")
+    speed.add_argument("--threads", type=int, help="CPU threads per process (torch.set_num_threads; default: torch's)")
     return parser
 
 
@@ -772,6 +770,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise CaffeError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         requested = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
         place = init_distributed("cuda" if requested.startswith("cuda") else "cpu")
         device = resolve_device(args.device, place)

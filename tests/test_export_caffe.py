@@ -73,7 +73,7 @@ def test_export_caffe_round_trip_gives_identical_tensors(tiny: dict[str, Path]) 
 
 def test_export_caffe_writes_factor_one_and_every_tower_copy(tiny: dict[str, Path]) -> None:
     out = tiny["root"] / "factor.caffemodel"
-    export_caffemodel(tiny["checkpoint"], tiny["prototxt"], out)
+    export_caffemodel(tiny["checkpoint"], out, tiny["prototxt"])
     original = load_net(weights=tiny["caffemodel"])
     exported = load_net(weights=out)
     state_dict, _ = read_checkpoint(tiny["checkpoint"])
@@ -97,7 +97,7 @@ def test_export_caffe_runs_in_the_opencv_oracle_and_verifies_against_the_checkpo
 
     require_opencv4()
     out = tiny["root"] / "oracle.caffemodel"
-    export_caffemodel(tiny["checkpoint"], tiny["prototxt"], out)
+    export_caffemodel(tiny["checkpoint"], out, tiny["prototxt"])
     reference = produce_opencv_reference(tiny["prototxt"], out, default_feed(read_prototxt(tiny["prototxt"])),
                                          tiny["root"] / "oracle.h5")
     state_dict, manifest = read_checkpoint(tiny["checkpoint"])
@@ -165,7 +165,7 @@ def test_export_caffe_round_trip_full_size(tmp_path: Path) -> None:
     files = write_synthetic_deeplab(tmp_path / "caffe", "msc_test", ResNetConfig.resnet101())
     checkpoint = _convert(files.caffemodel, tmp_path / "checkpoint", files.prototxt)
     out = tmp_path / "exported.caffemodel"
-    result = export_caffemodel(checkpoint, files.prototxt, out)
+    result = export_caffemodel(checkpoint, out, files.prototxt)
     assert result.layers_written == sum(1 for layer in load_net(weights=files.caffemodel).layers if layer.blobs)
     _assert_identical_state_dicts(checkpoint, _convert(out, tmp_path / "again"))
     assert np.isclose(out.stat().st_size, files.caffemodel.stat().st_size, rtol=0.01)

@@ -24,10 +24,10 @@ import torch
 from converter.atomic import write_atomic
 from converter.caffe.load import load_net, net_definition_text
 from converter.caffe.netdesc import Net
-from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
+from converter.caffe.prototxt import parse_prototxt_text, prototxt_net, read_prototxt, substitute_defines
 from converter.caffe.schema import caffe_pb
 from converter.caffe.wire import write_caffemodel
-from converter.checkpoint import ARCH, read_checkpoint
+from converter.checkpoint import ARCH, MANIFEST_FILE, read_checkpoint
 from converter.deeplab.convert import convert_deeplab, net_bn_eps
 from converter.deeplab.names import (
     LAYER_TYPE_OF_KIND,
@@ -37,7 +37,7 @@ from converter.deeplab.names import (
     tower_copy_names,
 )
 from converter.errors import CaffeError, listed
-from converter.export.record import sidecar, source_record, write_sidecar
+from converter.export.record import checkpoint_folder, sidecar, source_record, write_sidecar
 from converter.layers import ARCH as CAFFE_NET_ARCH
 from converter.layers import build_net
 from converter.loading import load_weights_strictly
@@ -173,11 +173,17 @@ def caffe_net_param(net: Net) -> Any:
     return param
 
 
-def export_caffemodel(checkpoint: str | Path, prototxt: str | Path, out: str | Path) -> CaffeExport:
+def export_caffemodel(
+    checkpoint: str | Path,
+    out: str | Path,
+    prototxt: str | Path | None = None,
+    defines: Mapping[str, str] | None = None,
+) -> CaffeExport:
     """Write the checkpoint's weights as a binary caffemodel for `prototxt`, checked by converting it back.
 
-    The file is written beside `out` under a temporary name, read back and converted; only when every
-    tensor is identical to the checkpoint's is it moved to `out`, and the sidecar `<out>.json` written.
+    Without `prototxt`, the net text the checkpoint's manifest records is used; `defines` fill `${NAME}`
+    placeholders. The file is written beside `out` under a temporary name, read back and converted; only
+    when every tensor is identical to the checkpoint's is it moved to `out`, and the sidecar `<out>.json`.
     """
     out = Path(out)
     state_dict, manifest = read_checkpoint(checkpoint)
@@ -186,7 +192,13 @@ def export_caffemodel(checkpoint: str | Path, prototxt: str | Path, out: str | P
         raise CaffeError(f"export-caffe knows arch {listed(sorted(EXPORTERS))}, the checkpoint is {arch!r}",
                          path=checkpoint)
     make_blobs, round_trip = EXPORTERS[arch]
-    net = read_prototxt(prototxt)
+    if prototxt is not None:
+        net = read_prototxt(prototxt, defines)
+    elif manifest.get("prototxt_text"):
+        prototxt = checkpoint_folder(checkpoint) / MANIFEST_FILE
+        net = prototxt_net(substitute_defines(manifest["prototxt_text"], defines or {}, prototxt), prototxt)
+    else:
+        raise CaffeError("the manifest records no net definition: give --prototxt", path=checkpoint)
     blobs = make_blobs(state_dict, net, manifest)
     net_param = caffe_net_param(net)
     figures: dict[str, int] = {}
@@ -206,6 +218,7 @@ def export_caffemodel(checkpoint: str | Path, prototxt: str | Path, out: str | P
     source = source_record(checkpoint, manifest)
     details = {
         "prototxt": str(Path(prototxt).resolve()),
+        "defines": dict(defines or {}),
         "layers_with_blobs": len(blobs),
         "round_trip": {"tensors_identical": figures["tensors"], "bytes_compared": figures["bytes"]},
     }

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from converter.build_cli import name_value_pairs as define_pairs  # the build command's NAME=VALUE parsing
 from converter.export.caffemodel import export_caffemodel
 from converter.export.onnx import DEFAULT_OPSET, OUTPUT_CHOICES, export_onnx
 
@@ -27,8 +28,9 @@ def run_export_onnx(args: argparse.Namespace) -> None:
 def run_export_caffe(args: argparse.Namespace) -> None:
     """Checkpoint folder -> binary .caffemodel for a prototxt, checked by converting it back."""
     started = time.perf_counter()
-    result = export_caffemodel(args.checkpoint, args.prototxt, args.out)
-    print(f"exported {args.checkpoint} -> {result.path} for {args.prototxt}: {result.layers_written} layers, "
+    result = export_caffemodel(args.checkpoint, args.out, args.prototxt, define_pairs(args.define, "--define"))
+    net = args.prototxt or "the net in its manifest"
+    print(f"exported {args.checkpoint} -> {result.path} for {net}: {result.layers_written} layers, "
           f"{result.blobs_written} blobs")
     print(f"round trip: {result.tensors_compared} tensors identical after converting the file back "
           f"({result.bytes_compared / 2**20:.1f} MiB compared)")
@@ -53,6 +55,8 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
 
     caffe = commands.add_parser("export-caffe", help="checkpoint folder -> .caffemodel for a prototxt")
     caffe.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder written by this project")
-    caffe.add_argument("--prototxt", required=True, type=Path, help="the net definition the weights are written for")
+    caffe.add_argument("--prototxt", type=Path, help="the net definition the weights are written for "
+                       "(default: the one the checkpoint's manifest records)")
+    caffe.add_argument("--define", action="append", metavar="NAME=VALUE", help="fill ${NAME} in the prototxt")
     caffe.add_argument("--out", required=True, type=Path, help="the .caffemodel to write (a sidecar .json beside)")
     caffe.set_defaults(run=run_export_caffe)
