@@ -27,7 +27,7 @@ from converter.layers.inspect import format_table, inspect_rows
 MAX_INPUT_DIM = 1 << 20
 
 
-def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+def name_value_pairs(values: list[str] | None, option: str) -> dict[str, str]:
     """NAME=VALUE arguments as a dict; a malformed or repeated one is a CaffeError naming the option."""
     pairs: dict[str, str] = {}
     for value in values or []:
@@ -43,7 +43,7 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
 def input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
     """--input-shape NAME=N,C,H,W arguments as shapes (positive dims)."""
     shapes = {}
-    for name, text in _pairs(values, "--input-shape").items():
+    for name, text in name_value_pairs(values, "--input-shape").items():
         try:
             dims = tuple(int(d) for d in text.split(","))
         except ValueError:
@@ -67,7 +67,7 @@ def _built(args: argparse.Namespace) -> tuple[Any, CaffeNet, dict[str, Any]]:
     """(net description, built module, options as recorded) from the common arguments."""
     for module in args.plugin or []:
         load_plugin(module)
-    defines = _pairs(args.define, "--define")
+    defines = name_value_pairs(args.define, "--define")
     shapes = input_shapes(args.input_shape)
     prototxt = _require_file(args.prototxt, "--prototxt")
     caffemodel = _require_file(args.caffemodel, "--caffemodel")

@@ -3,8 +3,11 @@
 Verifies a converted checkpoint against a reference-activations file, writes report.md,
 report.json and errors.png, and records the verdict in the checkpoint's manifest. Without
 --reference it first produces the OpenCV reference (from --prototxt/--caffemodel, by default
-the files the checkpoint was converted from) into the report folder. Exit codes: 0 parity
-holds, 1 parity fails, 2 bad input (one line `error: ...` on stderr).
+the files the checkpoint was converted from) into the report folder. A checkpoint written by
+`python -m converter build` (arch caffe_net) is verified through the layer registry; without
+--checkpoint, --prototxt + --caffemodel + --reference build any supported net in memory and
+verify it (report in --report-dir, default build/parity/<net name>/; nothing recorded).
+Exit codes: 0 parity holds, 1 parity fails, 2 bad input (one line `error: ...` on stderr).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from converter.errors import CaffeError
 from converter.caffe.prototxt import read_prototxt
 from models.deeplab import ResNetConfig
 from verify.activations import read_activations
+from converter.layers import ARCH as CAFFE_NET_ARCH
+from converter.loading import build_model
 from verify.compare import ModelSpec, torch_device, verify_state_dict
+from verify.generic import run_without_checkpoint, verify_caffe_net
 from verify.onnx import run_onnx
 from verify.opencv_reference import default_feed, produce_opencv_reference
 from verify.report import summary_line, write_report
@@ -48,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", type=Path, help="picture to feed the OpenCV reference (default: the "
                         "deterministic synthetic image at the net's input size)")
     parser.add_argument("--device", default="cpu", help="where PyTorch runs: cpu or cuda (default cpu)")
-    parser.add_argument("--report-dir", type=Path, help=f"report folder (default: <checkpoint>/{REPORT_SUBDIR})")
+    parser.add_argument("--report-dir", type=Path, help=f"report folder (default: <checkpoint>/{REPORT_SUBDIR}, or "
+                        "build/parity/<net name>/ without a checkpoint)")
     parser.add_argument("--blobs", nargs="+", help="compare only these reference blobs (names, or comma lists)")
     parser.add_argument("--no-drift", action="store_true", help="on CUDA, skip the TF32/bf16 drift information")
+    parser.add_argument("--define", action="append", metavar="NAME=VALUE",
+                        help="without --checkpoint: fill ${NAME} in --prototxt")
+    parser.add_argument("--plugin", action="append", metavar="MODULE",
+                        help="without --checkpoint: import MODULE to register custom layer converters")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return parser
 
@@ -59,13 +70,18 @@ def run(args: argparse.Namespace) -> int:
     """Verify, report, record; returns the exit code (CaffeError propagates for bad input)."""
     if args.onnx is not None:
         return run_onnx(args)
-    if args.checkpoint is None:
-        raise CaffeError("give --checkpoint (or --onnx with --reference)")
     started = time.perf_counter()
     torch_device(args.device)  # a bad --device fails before any reference is produced
+    args.blob_list = None if not args.blobs else [n for item in args.blobs for n in item.split(",") if n]
+    if args.checkpoint is None:
+        if not (args.prototxt and args.caffemodel and args.reference):
+            raise CaffeError("give --checkpoint, or --prototxt, --caffemodel and --reference (or --onnx with --reference)")
+        result, default_dir = run_without_checkpoint(args)
+        return _report(result, args.report_dir or default_dir, None, started)
     checkpoint_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     state_dict, manifest = read_checkpoint(args.checkpoint)
-    spec = _model_spec(manifest, state_dict)
+    built = (manifest.get("model") or {}).get("arch") == CAFFE_NET_ARCH  # `python -m converter build` folders
+    spec = None if built else _model_spec(manifest, state_dict)
     scope = "backbone" if _head_replaced(manifest) else "full"
     report_dir = args.report_dir or checkpoint_dir / REPORT_SUBDIR
     if args.reference is not None:
@@ -74,19 +90,28 @@ def run(args: argparse.Namespace) -> int:
         reference_path = args.reference
     else:
         reference_path = _produce_reference(args, manifest, checkpoint_dir, report_dir)
-    blobs = None if not args.blobs else [n for item in args.blobs for n in item.split(",") if n]
     with read_activations(reference_path) as reference:
-        result = verify_state_dict(
-            state_dict, spec, reference, source=str(args.checkpoint), device=args.device, blobs=blobs,
-            scope=scope, drift=False if args.no_drift else None,
-        )
-    files = write_report(result, report_dir)
+        if built:
+            model = build_model(manifest, state_dict, source=args.checkpoint)
+            result = verify_caffe_net(model, reference, device=args.device, blobs=args.blob_list)
+        else:
+            result = verify_state_dict(
+                state_dict, spec, reference, source=str(args.checkpoint), device=args.device, blobs=args.blob_list,
+                scope=scope, drift=False if args.no_drift else None,
+            )
     record_parity(checkpoint_dir, parity_record(result, sha256_file(reference_path)))
+    return _report(result, report_dir, checkpoint_dir, started)
+
+
+def _report(result: Any, report_dir: Path, checkpoint_dir: Path | None, started: float) -> int:
+    """Write the report, print the summary; the exit code of the verdict."""
+    files = write_report(result, report_dir)
     print(summary_line(result))
     for name, seconds in result.timings.items():
         print(f"  {name}: {seconds:.2f} s")
-    print(f"report: {files.markdown} ({files.json.name}, {files.plot.name}); verdict recorded in "
-          f"{checkpoint_dir / 'manifest.json'}; {time.perf_counter() - started:.1f} s in all")
+    recorded = f"verdict recorded in {checkpoint_dir / 'manifest.json'}" if checkpoint_dir else "no checkpoint: nothing recorded"
+    print(f"report: {files.markdown} ({files.json.name}, {files.plot.name}); {recorded}; "
+          f"{time.perf_counter() - started:.1f} s in all")
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 

@@ -196,7 +196,11 @@ class CaffeNet(nn.Module):
 
     def run_layer(self, name: str, *bottoms: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One layer alone on given bottoms (teacher forcing); its tops as a tuple."""
-        out = self.layers[layer_key(name)](*bottoms)
+        return self.run_key(layer_key(name), *bottoms)
+
+    def run_key(self, key: str, *bottoms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`run_layer` by module key (`LayerInfo.key`: tells apart layers that repeat a name)."""
+        out = self.layers[key](*bottoms)
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
     def layer_module(self, name: str) -> nn.Module:
