@@ -26,7 +26,7 @@ import torch
 from converter.caffe.load import load_net
 from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
 from converter.deeplab.convert import convert_deeplab
-from converter.loading import load_weights_strictly
+from converter.loading import load_model, load_weights_strictly
 from converter.synthetic.weights import CONFIGS, FILE_NAMES, write_synthetic_deeplab
 from models.deeplab import DeepLabV2MSC, predict_scores
 from segmentation.evaluate import class_map
@@ -156,47 +156,83 @@ def _flops_per_image(model: torch.nn.Module, blob: torch.Tensor) -> float:
     return counter.get_total_flops() / blob.shape[0]
 
 
-def _bench_size(args: argparse.Namespace, prototxt: Path, caffemodel: Path, size: int, device: torch.device) -> list[Row]:
+@dataclass(frozen=True)
+class Variant:
+    """One fast configuration measured as (b)."""
+
+    label: str
+    amp: bool
+    channels_last: bool
+    compile: bool
+    batch: int
+
+
+def fast_variants(args: argparse.Namespace, gpu: bool) -> list[Variant]:
+    """The evaluator's fast defaults on this device (`segmentation eval`'s: bf16 and compile on GPUs only,
+    folding and channels_last everywhere), and on the CPU also the same with bf16, unless flags pin them."""
+    channels_last = True if args.channels_last is None else args.channels_last
+    compiled = gpu if args.compile is None else args.compile
+    batch = args.batch or (16 if gpu else 1)
+    if args.bf16 is not None or gpu:
+        amp = True if args.bf16 is None else args.bf16
+        return [Variant("(b)", amp, channels_last, compiled, batch)]
+    return [Variant("(b)", False, channels_last, compiled, batch), Variant("(b')", True, channels_last, compiled, batch)]
+
+
+def _bench_size(args: argparse.Namespace, source: ModelSource, size: int, device: torch.device,
+                fold: tuple[bool, str] | None) -> tuple[list[Row], tuple[bool, str]]:
     images = [synthetic_image(size, size, seed=seed) for seed in range(args.images)]
     blobs = torch.from_numpy(np.concatenate([caffe_preprocess(image) for image in images]))
     gpu = device.type == "cuda"
     rows = []
-    model = _model(prototxt, caffemodel).to(device)
+    model = source.build().to(device)
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions, stated
     rate, reference = _run(model, blobs, 1, amp=False, channels_last=False, device=device, repeat=args.repeat,
                            fast=False)
     rows.append(Row("(a) fp32, PyTorch defaults, batch 1", size, 1, rate))
-
-    fast = _model(prototxt, caffemodel)
-    fold_batchnorm_into_convs(fast)
-    fold_ok, fold_note = _fold_within_budget(_model(prototxt, caffemodel), fast, blobs[:1])
-    if not fold_ok:
-        fast = _model(prototxt, caffemodel)
-    fast = fast.to(device)
-    channels_last = args.channels_last if args.channels_last is not None else gpu
-    if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-    compiled = args.compile if args.compile is not None else gpu
-    if compiled:
-        fast = torch.compile(fast)
-    amp = args.bf16 if args.bf16 is not None else True
-    batch = args.batch or (16 if gpu else 1)
-    rate, labels = _run(fast, blobs, batch, amp=amp, channels_last=channels_last, device=device, repeat=args.repeat,
-                        fast=True)
-    switches = [s for s, on in (("BN folded", fold_ok), ("bf16", amp), ("channels_last", channels_last),
-                                ("compile", compiled)) if on]
-    rows.append(Row(f"(b) fast: {', '.join(switches)}", size, batch, rate,
-                    float((labels == reference).float().mean()), fold_note))
-    if gpu:
-        peak = next((value for name, value in BF16_PEAK.items() if name in torch.cuda.get_device_name(device)), None)
-        flops = _flops_per_image(model, blobs[:1].to(device))
-        rows[-1].note += f"; {flops / 1e9:.1f} GFLOP/image" + (
-            f", {rate * flops / peak:.1%} of bf16 peak" if peak else ", bf16 peak unknown for this device")
-    elif not args.no_opencv:
-        rate, cv_labels = _opencv_rate(prototxt, caffemodel, images, args.repeat)
+    if fold is None:  # checked once, at the first size: a float64 forward of the full net is slow on a CPU
+        folded = source.build()
+        fold_batchnorm_into_convs(folded)
+        fold = _fold_within_budget(source.build(), folded, blobs[:1])
+    fold_ok, fold_note = fold
+    for variant in fast_variants(args, gpu):
+        fast = source.build()
+        if fold_ok:
+            fold_batchnorm_into_convs(fast)
+        fast = fast.to(device)
+        if variant.channels_last:
+            fast = fast.to(memory_format=torch.channels_last)
+        if variant.compile:
+            fast = torch.compile(fast)
+        rate, labels = _run(fast, blobs, variant.batch, amp=variant.amp, channels_last=variant.channels_last,
+                            device=device, repeat=args.repeat, fast=True)
+        switches = [name for name, on in (("BN folded", fold_ok), ("bf16", variant.amp),
+                                          ("channels_last", variant.channels_last), ("compile", variant.compile)) if on]
+        rows.append(Row(f"{variant.label} fast: {', '.join(switches)}", size, variant.batch, rate,
+                        float((labels == reference).float().mean()), fold_note))
+        if gpu:
+            peak = next((value for name, value in BF16_PEAK.items() if name in torch.cuda.get_device_name(device)), None)
+            flops = _flops_per_image(model, blobs[:1].to(device))
+            rows[-1].note += f"; {flops / 1e9:.1f} GFLOP/image" + (
+                f", {rate * flops / peak:.1%} of bf16 peak" if peak else ", bf16 peak unknown for this device")
+    if not gpu and source.caffe is not None and not args.no_opencv:
+        rate, cv_labels = _opencv_rate(*source.caffe, images, args.repeat)
         agreement = float((torch.from_numpy(cv_labels) == reference).float().mean())
         rows.append(Row("(c) OpenCV dnn, fusion on, batch 1", size, 1, rate, agreement))
-    return rows
+    return rows, fold
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the benchmarked model comes from: the synthetic Caffe net (then OpenCV can run it too) or a checkpoint."""
+
+    caffe: tuple[Path, Path] | None = None  # (prototxt, caffemodel)
+    checkpoint: Path | None = None
+
+    def build(self) -> torch.nn.Module:
+        if self.checkpoint is not None:
+            return load_model(self.checkpoint)[0]
+        return _model(*self.caffe)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,20 +243,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="timed passes (best)")
     parser.add_argument("--batch", type=int, default=None, help="(b)'s batch (default 16 on GPU, 1 on CPU)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="(b) bf16 (default on)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="(b) bf16 (default: on GPU; on CPU both, as (b) and (b'))")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="(b) compile (default GPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(b) default GPU")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(b) default on")
     parser.add_argument("--no-opencv", action="store_true", help="skip (c)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="benchmark this checkpoint (e.g. a trained one, for the binding argmax agreement) instead "
+                        "of the synthetic net; (c) is then skipped")
     parser.add_argument("--work", type=Path, default=Path("build/bench_eval"), help="cache of the generated net")
+    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch and OpenCV alike (default: their own)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import cv2
+
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    prototxt, caffemodel = _prepare(args.work, args.config)
+    source = ModelSource(checkpoint=args.checkpoint) if args.checkpoint else ModelSource(caffe=_prepare(args.work, args.config))
     rows: list[Row] = []
+    fold = None
     for size in args.sizes:
-        rows += _bench_size(args, prototxt, caffemodel, size, device)
+        sized, fold = _bench_size(args, source, size, device, fold)
+        rows += sized
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    print(f"\nbench-eval: {args.config}, {args.images} synthetic images per size, best of {args.repeat} passes")
+    what = f"checkpoint {args.checkpoint}" if args.checkpoint else f"synthetic {args.config} net"
+    print(f"\nbench-eval: {what}, {args.images} synthetic images per size, best of {args.repeat} passes")
     print(f"device: {name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"Python {platform.python_version()}")
     print("\n| path | size | batch | images/s | x (a) | argmax agreement with (a) | notes |\n|---|---|---|---|---|---|---|")
@@ -233,18 +282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"| {agreement} | {row.note} |")
     print()
     for size in args.sizes:
-        sized = {row.label[:3]: row for row in rows if row.size == size}
+        sized = {row.label.split()[0]: row for row in rows if row.size == size}
+        fast = [label for label in sized if label.startswith("(b")]
         if "(c)" in sized:
-            for label in ("(a)", "(b)"):
+            for label in ["(a)", *fast]:
                 ratio = sized[label].images_per_s / sized["(c)"].images_per_s
-                verdict = f" (target >= {CPU_TARGET:g}x: {'PASS' if ratio >= CPU_TARGET else 'FAIL'})" if label == "(b)" else ""
+                verdict = f" (target >= {CPU_TARGET:g}x: {'PASS' if ratio >= CPU_TARGET else 'FAIL'})" if label != "(a)" else ""
                 print(f"{size}: {label} = {ratio:.2f}x OpenCV{verdict}")
         if device.type == "cuda" and size == 513:
             rate = sized["(b)"].images_per_s
             print(f"513: (b) {rate:.1f} images/s (target >= {GPU_TARGET:g}: {'PASS' if rate >= GPU_TARGET else 'FAIL'})")
-        agreement = sized["(b)"].agreement or 0.0
-        print(f"{size}: (b) argmax agreement {agreement:.4%} (informational on synthetic weights; "
-              f"binding >= {AGREEMENT_TARGET:.1%} on a trained full-size checkpoint)")
+        for label in fast:
+            agreement = sized[label].agreement or 0.0
+            kind = "on this checkpoint" if args.checkpoint else "informational on synthetic weights"
+            print(f"{size}: {label} argmax agreement with fp32 {agreement:.4%} ({kind}; binding >= "
+                  f"{AGREEMENT_TARGET:.1%} on a trained full-size checkpoint)")
     return 0
 
 
