@@ -30,7 +30,7 @@ DEMO := build/demo
 DEMO_CONFIG ?= resnet101
 DEMO_TRAIN_ITER := 40
 
-.PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs clean \
+.PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs bench-onnx clean \
 	eval predict bench-eval train demo-data bench-train
 
 help:
@@ -38,7 +38,8 @@ help:
 	@echo "make test                 the test suite"
 	@echo "make convert CAFFEMODEL=... [PROTOTXT=...] OUT=<folder> [SURGERY=auto|off] [CLASSES=21]"
 	@echo "make verify-parity CHECKPOINT=<folder> [REFERENCE=ref.h5] [PROTOTXT=... CAFFEMODEL=...] [IMAGE=...] [DEVICE=cpu|cuda]"
-	@echo "make bench-convert | bench-verify | caffe-image | caffe-blobs"
+	@echo "make verify-parity ONNX=model.onnx REFERENCE=ref.h5 [REPORT_DIR=...] [CHECKPOINT=<source folder>]"
+	@echo "make bench-convert | bench-verify | bench-onnx | caffe-image | caffe-blobs"
 	@echo "make eval CHECKPOINT=<folder> DATA=<root> LIST=<list> OUT=<folder> [DEVICE=auto] [ARGS='--flip --crf ...']"
 	@echo "make eval PREDICTIONS=<folder of <id>.png> DATA=... LIST=... OUT=...   (score saved label PNGs)"
 	@echo "make predict IMAGES='<files or folders>' CHECKPOINT=<folder> OUT=<folder>"
@@ -83,15 +84,26 @@ demo: $(SETUP)
 	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders, trained snapshot $(DEMO)/train/iter_$(DEMO_TRAIN_ITER)"
 
 verify-parity: $(SETUP)
+ifneq ($(ONNX),)
+	$(PY) -m verify --onnx "$(ONNX)" $(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") \
+		$(if $(filter command line environment,$(origin CHECKPOINT)),--checkpoint "$(CHECKPOINT)")
+else
 	$(PY) -m verify --checkpoint "$(CHECKPOINT)" $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
 		$(if $(filter command line environment,$(origin CAFFEMODEL)),--caffemodel "$(CAFFEMODEL)") \
 		$(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(IMAGE),--image "$(IMAGE)") --device $(DEVICE)
+endif
 
 bench-convert: $(SETUP)
 	$(PY) -m benchmarks.bench_convert --config resnet101 --workdir build/bench
 
 bench-verify: $(SETUP)
 	$(PY) -m benchmarks.bench_verify --config resnet101
+
+# ONNX export (issue 8): onnxruntime on the exported net vs this project's PyTorch forward vs OpenCV dnn
+# on the Caffe net, images/s at 321 (BENCH_CONFIG=tiny for a quick run).
+bench-onnx: BENCH_CONFIG ?= resnet101
+bench-onnx: $(SETUP)
+	$(PY) -m benchmarks.bench_onnx --config $(BENCH_CONFIG)
 
 # Evaluation and prediction (issue 10): python -m segmentation eval|predict; ARGS='<more options>' (see --help).
 # OUT and DEVICE get their own defaults here (build/eval or build/predict; auto = CUDA when available).
