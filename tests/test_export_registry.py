@@ -232,3 +232,39 @@ def test_export_caffe_of_a_build_folder_refuses_a_prototxt_it_does_not_fit(tmp_p
                          "--out", str(out)])
     assert code == 2 and err.count("\n") == 1 and "layers.ip.weight" in err
     assert not out.exists()
+
+
+def test_export_onnx_of_a_build_folder_verifies_against_the_opencv_reference(tmp_path: Path) -> None:
+    from verify.cli import main as verify_main
+    from verify.opencv_reference import produce_opencv_reference, require_opencv4
+
+    require_opencv4()
+    rng = np.random.default_rng(1)
+    text = SHARED.replace('param { name: "w" } param { name: "b" } ', "")
+    blobs = {
+        "conv_a": [rng.standard_normal((4, 4, 3, 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)],
+        "conv_b": [rng.standard_normal((4, 4, 3, 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)],
+        "bn": [rng.standard_normal(4).astype(np.float32), rng.uniform(1, 2, 4).astype(np.float32),
+               np.array([1.0], np.float32)],
+        "scale": [rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)],
+        "prelu": [rng.uniform(0, 0.3, 4).astype(np.float32)],
+        "ip": [rng.standard_normal((3, 360)).astype(np.float32), rng.standard_normal(3).astype(np.float32)],
+    }  # fmt: skip
+    prototxt, caffemodel = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
+    prototxt.write_text(text)
+    write_caffemodel(caffemodel, parse_prototxt_text(text), blobs)
+    built = tmp_path / "built"
+    assert _run(["build", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--out", str(built)])[0] == 0
+    onnx_path = tmp_path / "net.onnx"
+    code, printed, err = _run(["export-onnx", "--checkpoint", str(built), "--out", str(onnx_path)])
+    assert code == 0, err
+    assert "outputs ip" in printed
+    code, _, err = _run(["export-onnx", "--checkpoint", str(built), "--out", str(tmp_path / "x.onnx"), "--dynamic-size"])
+    assert code == 2 and "DeepLab" in err and not (tmp_path / "x.onnx").exists()
+    feed = {"data": rng.standard_normal((1, 4, 9, 10)).astype(np.float32)}
+    reference = produce_opencv_reference(prototxt, caffemodel, feed, tmp_path / "ref.h5")
+    out, err_text = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err_text):
+        code = verify_main(["--onnx", str(onnx_path), "--reference", str(reference)])
+    assert code == 0, err_text.getvalue()
+    assert "parity PASS" in out.getvalue() and (tmp_path / "net_parity" / "report.md").is_file()
