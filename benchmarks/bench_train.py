@@ -28,7 +28,9 @@ from models.deeplab import DeepLabV2MSC, ResNetConfig
 from segmentation.data import read_list
 from segmentation.demo_data import DemoSpec, write_demo_dataset
 from segmentation.solver import CaffeSGD, SolverConfig, param_groups
-from segmentation.train import SlotSampler, SpeedOptions, TrainSlots, make_loader, train_one_update
+from segmentation.train import train_one_update
+from segmentation.train_config import SpeedOptions
+from segmentation.train_data import SlotSampler, TrainSlots, make_loader
 from segmentation.train_net import default_mults
 from segmentation.train_speed import fold_frozen_batchnorm
 from segmentation.transforms import TransformParams

@@ -40,7 +40,7 @@ class SolverConfig:
     weight_decay: float = 5e-4
     iter_size: int = 10
     max_iter: int = 20000
-    snapshot: int = 0  # every N updates (0: only at the end)
+    snapshot: int = 1000  # every N updates (0: only at the end); not an arithmetic field, this trainer's default
 
     def __post_init__(self) -> None:
         if self.lr_policy not in POLICIES:

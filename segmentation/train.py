@@ -5,56 +5,42 @@ momentum 0.9 kept across updates, base_lr 2.5e-4 with poly 0.9 over 20000 update
 head x10 / x20 (no decay on biases), frozen BatchNorm, effective batch 10 (batch per forward x iter_size
 x world size), random scale / mirror / crop 321, four SoftmaxWithLoss terms. Every departure is an option.
 
-Data order and augmentation are functions of (seed, slot) where slot = update * effective_batch + j:
-a slot's sample comes from a per-pass permutation (Caffe reshuffles at every wrap) and its augmentation
-from a Generator seeded with (seed, slot). Crops therefore do not depend on the world size or on the
-batch split, and a resumed run sees exactly the data the uninterrupted run would have seen.
+Parts: the run's configuration (train_config), data by slot (train_data), snapshots, the run log
+(train_log); here `get_dataset`, one update (`train_one_update`), the update loop (`train`) and `main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from converter.atomic import replace_folder, write_atomic
-from converter.checkpoint import (
-    SAFETENSORS_FILE,
-    file_record,
-    is_checkpoint_folder,
-    new_manifest,
-    read_checkpoint,
-    sha256_file,
-    update_manifest,
-    write_checkpoint,
-)
-from converter.errors import CaffeError, listed
+from converter.checkpoint import read_checkpoint
+from converter.errors import CaffeError
 from converter.loading import build_model
 from models.deeplab import DeepLabV2MSC
-from segmentation.data import Sample, check_pair, read_image, read_label, read_list
+from segmentation.data import read_list
 from segmentation.distributed import Dist, init_distributed, resolve_device
 from segmentation.losses import LOSS_NAMES, deeplab_losses
+from segmentation.snapshots import parent_record, read_trainer_state, save_snapshot, snapshot_dir
 from segmentation.solver import CaffeSGD, SolverConfig, param_groups, parse_defines, read_solver
+from segmentation.train_config import SpeedOptions, TrainConfig, derive_iter_size, transform_params
+from segmentation.train_data import SlotSampler, TrainSlots, check_dataset, make_loader
+from segmentation.train_log import CURVE_FILE, LOG_FILE, RunLog, plot_loss_curve
 from segmentation.train_net import TrainNet, default_train_net, read_train_net
 from segmentation.train_speed import fold_frozen_batchnorm
-from segmentation.transforms import DEFAULT_CROP, TransformParams, transform
+from segmentation.transforms import DEFAULT_CROP
 from segmentation.voc import NUM_CLASSES
 from verify.verdict import MANIFEST_KEY as PARITY_KEY
 from verify.verdict import describe_parity
@@ -63,177 +49,9 @@ log = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 DEFAULT_EFFECTIVE_BATCH = 10  # Caffe: batch_size 1 x iter_size 10
-STATE_FILE = "trainer_state.pt"
-LOG_FILE = "log.csv"
-CURVE_FILE = "loss_curve.png"
-LOG_COLUMNS = ("update", "lr", "total_loss", *LOSS_NAMES, "images_per_s")
-SNAPSHOT_PREFIX = "iter_"
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """Fast paths; none changes the arithmetic of the solver, only rounding and speed."""
-
-    bf16: bool = False  # autocast the forward to bfloat16 (losses in float32)
-    channels_last: bool = False
-    fold_bn: bool = False  # frozen BatchNorm+Scale as one multiply-add
-    compile: bool = False  # torch.compile the model
-    workers: int = 0  # data-loader worker processes
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run is defined by (recorded in every snapshot's manifest and trainer state)."""
-
-    data: str
-    list: str
-    solver: SolverConfig
-    train_net: dict[str, Any]
-    batch_size: int
-    iter_size: int
-    world_size: int
-    num_classes: int = NUM_CLASSES
-    seed: int = 0
-    image_dir: str = "JPEGImages"
-    label_dir: str = "SegmentationClassAug"
-    image_ext: str = ".jpg"
-    label_ext: str = ".png"
-    speed: SpeedOptions = field(default_factory=SpeedOptions)
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.iter_size * self.world_size
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["effective_batch"] = self.effective_batch
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        values = {k: v for k, v in data.items() if k != "effective_batch"}
-        values["solver"] = SolverConfig(**values["solver"])
-        values["speed"] = SpeedOptions(**values["speed"])
-        return cls(**values)
-
-
-def derive_iter_size(effective_batch: int, batch_size: int, world_size: int) -> int:
-    """iter_size such that batch x iter_size x world = effective batch; a non-dividing split is an error."""
-    per_step = batch_size * world_size
-    if batch_size < 1 or effective_batch < 1 or effective_batch % per_step:
-        raise CaffeError(
-            f"effective batch {effective_batch} is not a multiple of batch size {batch_size} x world size {world_size}"
-            f" (choose --batch-size among {listed([str(d) for d in _divisors(effective_batch // world_size)])})"
-            if effective_batch % world_size == 0
-            else f"effective batch {effective_batch} is not a multiple of the world size {world_size}"
-        )
-    return effective_batch // per_step
-
-
-def _divisors(number: int) -> list[int]:
-    return [d for d in range(1, number + 1) if number % d == 0]
-
-
-def transform_params(train_net: dict[str, Any]) -> TransformParams:
-    """The TransformParams recorded in a config's train_net entry."""
-    return TransformParams(
-        crop_height=train_net["crop"][0],
-        crop_width=train_net["crop"][1],
-        mirror=train_net["mirror"],
-        mean_bgr=tuple(train_net["mean_bgr"]),  # type: ignore[arg-type]
-        scale_factors=tuple(train_net["scale_factors"]),
-        value_scale=train_net["value_scale"],
-        ignore_label=train_net["ignore_label"],
-    )
 
 
 # --------------------------------------------------------------------------- data
-
-
-def slot_sample(slot: int, num_samples: int, seed: int) -> int:
-    """The sample index of a global slot: pass p = slot // n is a permutation seeded by (seed, p)."""
-    pass_index, position = divmod(slot, num_samples)
-    return int(np.random.default_rng([seed, pass_index, 0x5EED]).permutation(num_samples)[position])
-
-
-class TrainSlots(Dataset):
-    """Indexed by global slot: the slot's sample, augmented with a Generator seeded by (seed, slot)."""
-
-    def __init__(self, samples: Sequence[Sample], params: TransformParams, num_classes: int, seed: int) -> None:
-        self.samples = list(samples)
-        self.params = params
-        self.num_classes = num_classes
-        self.seed = seed
-        self._permutations: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def sample_index(self, slot: int) -> int:
-        pass_index, position = divmod(slot, len(self.samples))
-        order = self._permutations.get(pass_index)
-        if order is None:
-            order = np.random.default_rng([self.seed, pass_index, 0x5EED]).permutation(len(self.samples))
-            self._permutations = {pass_index: order}  # keep one pass: slots arrive in order
-        return int(order[position])
-
-    def __getitem__(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self.samples[self.sample_index(slot)]
-        image = read_image(sample.image)
-        label = read_label(sample.label, self.num_classes)
-        check_pair(image, label, sample)
-        rng = np.random.default_rng([self.seed, slot])
-        data, crop_label = transform(image, label, self.params, rng)
-        return torch.from_numpy(data), torch.from_numpy(crop_label)
-
-
-class SlotSampler(Sampler[int]):
-    """The slots this rank reads, in the order it consumes them: per update, per micro-step, per batch item.
-
-    Micro-step i of rank r reads slots (i * world + r) * batch + b of the update, b < batch.
-    """
-
-    def __init__(self, start_update: int, stop_update: int, *, batch_size: int, iter_size: int, world_size: int, rank: int) -> None:
-        self.start, self.stop = start_update, stop_update
-        self.batch_size, self.iter_size = batch_size, iter_size
-        self.world_size, self.rank = world_size, rank
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.iter_size * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        effective = self.batch_size * self.iter_size * self.world_size
-        for update in range(self.start, self.stop):
-            for step in range(self.iter_size):
-                first = update * effective + (step * self.world_size + self.rank) * self.batch_size
-                yield from range(first, first + self.batch_size)
-
-
-def _check_sample(sample: Sample, num_classes: int) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    label = read_label(sample.label, num_classes)
-    try:
-        with Image.open(sample.image) as image:
-            width, height = image.size
-    except (OSError, UnidentifiedImageError) as error:
-        raise CaffeError(f"cannot read the image: {error}", path=sample.image) from None
-    if (height, width) != label.shape:
-        raise CaffeError(f"image is {width}x{height} but its label {sample.label} is {label.shape[1]}x{label.shape[0]}", path=sample.image)
-
-
-def check_dataset(samples: Sequence[Sample], num_classes: int, *, workers: int = 8, progress: bool = True) -> None:
-    """Read every label (values in range) and every image header (size equal to the label's) before training."""
-    unlabelled = [str(sample.image) for sample in samples if sample.label is None]
-    if unlabelled:
-        raise CaffeError(f"{len(unlabelled)} listed images have no label: {listed(unlabelled)}")
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = pool.map(lambda sample: _check_sample(sample, num_classes), samples)
-        for _ in tqdm(checks, total=len(samples), desc="checking data", unit="img", disable=not progress, leave=False):
-            pass
 
 
 def get_dataset(config: TrainConfig, *, check: bool = True, progress: bool = True) -> TrainSlots:
@@ -250,194 +68,6 @@ def get_dataset(config: TrainConfig, *, check: bool = True, progress: bool = Tru
         check_dataset(samples, config.num_classes, progress=progress)
     return TrainSlots(samples, transform_params(config.train_net), config.num_classes, config.seed)
 
-
-def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-def make_loader(dataset: TrainSlots, sampler: SlotSampler, *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader yielding the rank's micro-batches in slot order (workers keep the order)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers else None,
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-        drop_last=False,
-    )
-
-
-# --------------------------------------------------------------------------- snapshots
-
-
-def snapshot_dir(out: Path, update: int) -> Path:
-    return out / f"{SNAPSHOT_PREFIX}{update}"
-
-
-def parent_record(parent_path: Path, parent_manifest: dict[str, Any]) -> dict[str, Any]:
-    """The parent checkpoint as a snapshot's manifest records it: file, sha256, parity record."""
-    return {
-        "checkpoint": str(parent_path.resolve()),
-        "weights": file_record(parent_path / SAFETENSORS_FILE),
-        "parity": parent_manifest.get(PARITY_KEY),
-        "created": parent_manifest.get("created"),
-    }
-
-
-def inherited_parity(parent: dict[str, Any]) -> dict[str, Any] | None:
-    """The parent's parity record, its scope naming that it is the parent's (so describe_parity says so)."""
-    record = parent.get("parity")
-    if not record:
-        return None
-    scope = record.get("scope", "full")
-    sha = parent["weights"]["sha256"][:12]
-    return {**record, "scope": f"{scope}; verdict of the parent checkpoint {sha} this snapshot was trained from"}
-
-
-def save_snapshot(
-    out: Path,
-    update: int,
-    model: torch.nn.Module,
-    optimizer: CaffeSGD,
-    config: TrainConfig,
-    parent: dict[str, Any],
-    parent_manifest: dict[str, Any],
-) -> Path:
-    """Write OUT/iter_<update>/ as one unit: the checkpoint files plus trainer_state.pt, vouched for by the manifest.
-
-    The folder is built in a staging folder beside it and put in place at once
-    (`converter.atomic.replace_folder`), so an interrupted run leaves its earlier snapshots intact
-    and never a half-written one under iter_<N>.
-    """
-    state = {
-        "update": update,
-        "optimizer": optimizer.state_dict(),
-        "config": config.to_json(),
-        "rng": {"torch": torch.get_rng_state()},
-        "data_order": {"seed": config.seed, "next_slot": update * config.effective_batch},
-    }
-    manifest = new_manifest(
-        inputs={"parent_checkpoint": parent["weights"]},
-        prototxt_text=parent_manifest.get("prototxt_text"),
-        model={key: value for key, value in parent_manifest["model"].items() if key != "arch"},
-        surgery=None,
-        coverage=None,
-    )
-    manifest[PARITY_KEY] = inherited_parity(parent)
-    manifest["parent"] = parent
-    manifest["training"] = {"update": update, "config": config.to_json()}
-    manifest["preprocessing"] = {"mean_bgr": list(config.train_net["mean_bgr"])}
-    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-
-    def build(staging: Path) -> None:
-        files = staging / "checkpoint"
-        write_checkpoint(files, state_dict, manifest)
-        for item in files.iterdir():
-            os.replace(item, staging / item.name)
-        files.rmdir()
-        torch.save(state, staging / STATE_FILE)
-        update_manifest(staging, "trainer_state", {"file": STATE_FILE, "sha256": sha256_file(staging / STATE_FILE)})
-
-    return replace_folder(snapshot_dir(out, update), build, owned=is_checkpoint_folder)
-
-
-def read_trainer_state(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The trainer state of a snapshot folder, checked against the sha256 its manifest records."""
-    entry = manifest.get("trainer_state")
-    path = folder / STATE_FILE
-    if not entry or not path.is_file():
-        raise CaffeError("not a training snapshot (no trainer_state.pt): --resume takes an OUT/iter_<N> folder", path=folder)
-    if sha256_file(path) != entry.get("sha256"):
-        raise CaffeError("trainer_state.pt does not match the sha256 in manifest.json", path=path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class RunLog:
-    """OUT/log.csv (one row per update), TensorBoard where installed; rows are flushed per update."""
-
-    def __init__(self, out: Path, start_update: int, enabled: bool) -> None:
-        self.path = out / LOG_FILE
-        self.enabled = enabled
-        self.stream: io.TextIOBase | None = None
-        self.board = None
-        if not enabled:
-            return
-        kept: list[dict[str, str]] = []
-        if start_update and self.path.exists():
-            with open(self.path, newline="") as stream:
-                kept = [row for row in csv.DictReader(stream) if int(row["update"]) < start_update]
-        write_atomic(self.path, lambda path: _write_rows(path, kept))
-        self.stream = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.stream, fieldnames=LOG_COLUMNS)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            log.info("tensorboard is not installed: no TensorBoard log (log.csv has every value)")
-
-    def add(self, row: dict[str, float]) -> None:
-        if not self.enabled or self.stream is None:
-            return
-        self.writer.writerow({key: row[key] for key in LOG_COLUMNS})
-        self.stream.flush()
-        if self.board is not None:
-            for key in LOG_COLUMNS[1:]:
-                self.board.add_scalar(f"train/{key}", row[key], int(row["update"]))
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        if self.board is not None:
-            self.board.close()
-
-
-def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_log(path: Path) -> list[dict[str, float]]:
-    """The rows of a log.csv as floats."""
-    with open(path, newline="") as stream:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(stream)]
-
-
-def plot_loss_curve(log_path: Path, out_png: Path) -> Path | None:
-    """A PNG of the total loss and the four terms per update (None when the log has no rows)."""
-    rows = read_log(log_path)
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    updates = [row["update"] for row in rows]
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    axis.plot(updates, [row["total_loss"] for row in rows], label="total_loss", linewidth=2)
-    for name in LOSS_NAMES:
-        axis.plot(updates, [row[name] for row in rows], label=name, linewidth=0.8, alpha=0.8)
-    axis.set_xlabel("update")
-    axis.set_ylabel("loss")
-    axis.set_title("DeepLab-v2 training loss (SoftmaxWithLoss, VALID)")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    write_atomic(out_png, lambda path: figure.savefig(path, format="png", dpi=100))
-    plt.close(figure)
-    return out_png
 
 
 # --------------------------------------------------------------------------- the update loop

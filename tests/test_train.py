@@ -26,7 +26,8 @@ from models.alignment import VOC_MEAN_BGR
 from models.deeplab import ResNetConfig
 from segmentation.demo_data import DemoSpec, write_demo_dataset
 from segmentation.solver import poly_rate
-from segmentation.train import LOG_COLUMNS, main
+from segmentation.train import main
+from segmentation.train_log import LOG_COLUMNS
 from verify.verdict import describe_parity
 
 REPO = Path(__file__).resolve().parents[1]
