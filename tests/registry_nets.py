@@ -250,7 +250,26 @@ def scale_bias_axes_net(rng: np.random.Generator) -> RandomNet:
     return RandomNet(layers, {"data": (2, 3, 4, 5), "gamma": (3, 4)}, blobs)
 
 
+def normalize_crop_exp_net(rng: np.random.Generator) -> RandomNet:
+    """SSD's Normalize (random across_spatial / channel_shared), Crop at random offsets, Exp with a base."""
+    across, shared = (bool(v) for v in rng.integers(0, 2, 2))
+    shared = shared or across  # OpenCV 4.14 asserts on a per-channel scale with across_spatial (test_layers_numpy covers it)
+    c, h, w = 3, int(rng.integers(4, 8)), int(rng.integers(4, 8))
+    ch, cw = int(rng.integers(1, h)), int(rng.integers(1, w))
+    oh, ow = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    base, scale, shift = float(rng.choice([2.0, 10.0])), float(rng.uniform(0.2, 1)), float(rng.uniform(-1, 1))
+    layers = (
+        f'layer {{ name: "norm" type: "Normalize" bottom: "data" top: "norm" norm_param {{ '
+        f"across_spatial: {str(across).lower()} channel_shared: {str(shared).lower()} }} }}\n"
+        f'layer {{ name: "crop" type: "Crop" bottom: "norm" bottom: "like" top: "crop" crop_param {{ axis: 2 offset: {oh} offset: {ow} }} }}\n'
+        f'layer {{ name: "exp" type: "Exp" bottom: "crop" top: "exp" exp_param {{ base: {base} scale: {scale} shift: {shift} }} }}\n'
+    )
+    blobs = {"norm": [rng.uniform(0.5, 2, 1 if shared else c).astype(np.float32)]}
+    return RandomNet(layers, {"data": (2, c, h, w), "like": (2, c, ch, cw)}, blobs)
+
+
 OPENCV_CASES: dict[str, Callable[[np.random.Generator], RandomNet]] = {
+    "normalize_crop_exp": normalize_crop_exp_net,
     "convolution": conv_net,
     "deconvolution": deconv_net,
     "pooling": pool_net,

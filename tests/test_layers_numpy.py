@@ -213,3 +213,13 @@ layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
     x = torch.randn(1, 2, 7, 7)
     with torch.no_grad():
         assert torch.equal(a(x)["prob"], b(x)["prob"])
+
+
+def test_normalize_across_spatial_with_a_scale_per_channel(tmp_path) -> None:
+    """SSD's Normalize: x / sqrt(sum over C,H,W of x^2 + eps) * scale[c] (OpenCV refuses this combination)."""
+    scale = np.array([0.5, 2.0, 3.0], np.float32)
+    layers = 'layer { name: "n" type: "Normalize" bottom: "data" top: "out" norm_param { across_spatial: true channel_shared: false } }\n'
+    out = _run(tmp_path, layers, {"data": (2, 3, 4, 5)}, {"n": [scale]})
+    x = out["feeds"]["data"].astype(np.float64)
+    norm = np.sqrt((x * x).sum(axis=(1, 2, 3), keepdims=True) + 1e-10)
+    np.testing.assert_allclose(out["out"], x / norm * scale[None, :, None, None], rtol=1e-5)
