@@ -31,13 +31,16 @@ DEMO_CONFIG ?= resnet101
 DEMO_TRAIN_ITER := 40
 
 .PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs bench-onnx clean \
+	build-net inspect bench-registry \
 	eval predict bench-eval train demo-data bench-train
 
 help:
 	@echo "make demo                 whole pipeline on synthetic DeepLab-v2 caffemodels (creates .venv)"
 	@echo "make test                 the test suite"
 	@echo "make convert CAFFEMODEL=... [PROTOTXT=...] OUT=<folder> [SURGERY=auto|off] [CLASSES=21]"
-	@echo "make verify-parity CHECKPOINT=<folder> [REFERENCE=ref.h5] [PROTOTXT=... CAFFEMODEL=...] [IMAGE=...] [DEVICE=cpu|cuda]"
+	@echo "make verify-parity CHECKPOINT=<folder> [REFERENCE=ref.h5] [PROTOTXT=... CAFFEMODEL=...] [IMAGE=...] [REPORT_DIR=...] [DEVICE=cpu|cuda]"
+	@echo "make verify-parity PROTOTXT=... CAFFEMODEL=... REFERENCE=ref.h5 [REPORT_DIR=...]   (any net, via the layer registry)"
+	@echo "make build-net PROTOTXT=... CAFFEMODEL=... OUT=<folder> [ARGS='--define N=V --input-shape ...'] | make inspect PROTOTXT=..."
 	@echo "make verify-parity ONNX=model.onnx REFERENCE=ref.h5 [REPORT_DIR=...] [CHECKPOINT=<source folder>]"
 	@echo "make bench-convert | bench-verify | bench-onnx | caffe-image | caffe-blobs"
 	@echo "make eval CHECKPOINT=<folder> DATA=<root> LIST=<list> OUT=<folder> [DEVICE=auto] [ARGS='--flip --crf ...']"
@@ -83,14 +86,18 @@ demo: $(SETUP)
 		--out $(DEMO)/train --max-iter $(DEMO_TRAIN_ITER) --crop-size 129 --device cpu --threads 1
 	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders, trained snapshot $(DEMO)/train/iter_$(DEMO_TRAIN_ITER)"
 
+# Without CHECKPOINT, PROTOTXT + CAFFEMODEL + REFERENCE verify any supported net built in memory by the
+# layer registry (report in REPORT_DIR, default build/parity/<net name>/; nothing recorded).
+verify-parity: VERIFY_NO_CHECKPOINT = $(and $(filter-out command line environment,$(origin CHECKPOINT)),$(PROTOTXT),$(filter command line environment,$(origin CAFFEMODEL)),$(REFERENCE))
 verify-parity: $(SETUP)
 ifneq ($(ONNX),)
 	$(PY) -m verify --onnx "$(ONNX)" $(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") \
 		$(if $(filter command line environment,$(origin CHECKPOINT)),--checkpoint "$(CHECKPOINT)")
 else
-	$(PY) -m verify --checkpoint "$(CHECKPOINT)" $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
+	$(PY) -m verify $(if $(VERIFY_NO_CHECKPOINT),,--checkpoint "$(CHECKPOINT)") $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
 		$(if $(filter command line environment,$(origin CAFFEMODEL)),--caffemodel "$(CAFFEMODEL)") \
-		$(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(IMAGE),--image "$(IMAGE)") --device $(DEVICE)
+		$(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(IMAGE),--image "$(IMAGE)") \
+		$(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") --device $(DEVICE)
 endif
 
 bench-convert: $(SETUP)
@@ -98,6 +105,19 @@ bench-convert: $(SETUP)
 
 bench-verify: $(SETUP)
 	$(PY) -m benchmarks.bench_verify --config resnet101
+
+# Any supported Caffe net through the layer registry (issue 7): a checkpoint folder, the per-layer table,
+# and the built DeepLab module's speed against the hand-written model (BENCH_CONFIG=tiny for a quick run).
+build-net: NET_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),build/nets/$(basename $(notdir $(PROTOTXT))))
+build-net: $(SETUP)
+	$(PY) -m converter build --prototxt "$(PROTOTXT)" --caffemodel "$(CAFFEMODEL)" --out "$(NET_OUT)" $(ARGS)
+
+inspect: $(SETUP)
+	$(PY) -m converter inspect "$(PROTOTXT)" $(if $(filter command line environment,$(origin CAFFEMODEL)),--caffemodel "$(CAFFEMODEL)") $(ARGS)
+
+bench-registry: BENCH_CONFIG ?= resnet101
+bench-registry: $(SETUP)
+	$(PY) -m benchmarks.bench_registry --config $(BENCH_CONFIG)
 
 # ONNX export (issue 8): onnxruntime on the exported net vs this project's PyTorch forward vs OpenCV dnn
 # on the Caffe net, images/s at 321 (BENCH_CONFIG=tiny for a quick run).
