@@ -382,6 +382,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CaffeError(f"--num-classes must lie in 1..255, got {args.num_classes}")
     if any(scale <= 0 for scale in args.scales):
         raise CaffeError(f"--scales must be positive, got {args.scales}")
+    if args.save_scores is not None and 1.0 not in args.scales:
+        raise CaffeError("--save-scores saves the plain forward's map: --scales must include 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise CaffeError(f"--batch-size must be positive, got {args.batch_size}")
     if args.workers < 0 or args.crf_workers < 1 or args.crf_iterations < 0:
