@@ -140,6 +140,18 @@ def test_a_type_onnx_cannot_express_fails_naming_the_layer(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_onnx_cli_refuses_a_type_onnx_cannot_express_in_one_line(tmp_path: Path) -> None:
+    prototxt, caffemodel = tmp_path / "argmax.prototxt", tmp_path / "argmax.caffemodel"
+    prototxt.write_text(ARGMAX)
+    write_caffemodel(caffemodel, parse_prototxt_text(ARGMAX), {})
+    built = tmp_path / "built"
+    assert _run(["build", "--prototxt", str(prototxt), "--caffemodel", str(caffemodel), "--out", str(built)])[0] == 0
+    out = tmp_path / "argmax.onnx"
+    code, _, err = _run(["export-onnx", "--checkpoint", str(built), "--out", str(out)])
+    assert code == 2 and err.count("\n") == 1 and "layer 'argmax'" in err and "aten.sort" in err, err
+    assert not out.exists() and not list(tmp_path.glob("*.json"))
+
+
 def _export_real(shared_reference: Path, name: str, out: Path) -> tuple[CaffeNet, list]:
     prototxt, caffemodel, _ = MODELS[name]
     folder = shared_reference / "caffe_models"
