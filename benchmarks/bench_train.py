@@ -52,9 +52,12 @@ def _slots(data: str, crop: int) -> TrainSlots:
 
 
 def prepare_training(
-    *, config: str, crop: int, data: str, device: str, batch_size: int, speed: dict[str, Any], warmup: int, updates: int
+    *, config: str, crop: int, data: str, device: str, batch_size: int, speed: dict[str, Any], warmup: int, updates: int,
+    threads: int | None = None,
 ) -> Callable[[], dict[str, Any]]:
     """Model, solver and loader of one configuration, `warmup` updates run; returns the timed updates."""
+    if threads:
+        torch.set_num_threads(threads)
     options = SpeedOptions(**speed)
     target = _device(device)
     torch.manual_seed(0)
@@ -126,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (compile, allocator)")
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: 8 on CUDA, 2 on CPU)")
     parser.add_argument("--data", help="dataset root with list/train.txt (default: a generated demo set, VOC-sized images)")
+    parser.add_argument("--threads", type=int, help="CPU threads of the training processes (default: torch's)")
     args = parser.parse_args(argv)
     device = _device(args.device)
     on_gpu = device.type == "cuda"
@@ -135,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = args.data or str(Path(scratch) / "demo")
         if not args.data:
             write_demo_dataset(data, DemoSpec(train=48, val=1, min_size=300, max_size=500))
-        common = {"config": config, "crop": args.crop, "data": data, "device": str(device), "warmup": args.warmup, "updates": args.updates}
+        common = {
+            "config": config, "crop": args.crop, "data": data, "device": str(device),
+            "warmup": args.warmup, "updates": args.updates, "threads": args.threads,
+        }  # fmt: skip
         earlier = SpeedOptions(workers=workers)
         fast = SpeedOptions(bf16=True, channels_last=True, fold_bn=True, compile=on_gpu, workers=workers)
         rows = []
@@ -148,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak = next((value for key, value in BF16_PEAK.items() if key in name), None) if on_gpu else None
     memory_kind = "CUDA max allocated" if on_gpu else "peak RSS above imports"
     print(f"bench-train: {config} DeepLab-v2 MSC, crop {args.crop}, effective batch {EFFECTIVE_BATCH}, {args.updates} timed updates")
-    print(f"device: {name}; torch {torch.__version__}; python {sys.version.split()[0]}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"device: {name}; torch {torch.__version__}; python {sys.version.split()[0]}; {threads} CPU threads per process")
     print(f"| configuration | images/s | vs (a) | {memory_kind} | 20000x10 schedule | bf16 peak fraction |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, images_per_s, memory in rows:

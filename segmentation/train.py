@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     io_group.add_argument("--checkpoint", help="checkpoint folder to start from (e.g. the converted init)")
     io_group.add_argument("--data", help="dataset root (Caffe: image_data_param.root_folder)")
     io_group.add_argument("--list", help="list file (Caffe: image_data_param.source): '/JPEGImages/x.jpg /Seg/x.png' lines or ids")
-    io_group.add_argument("--out", required=True, help="output folder: iter_<N>/ snapshots, log.csv, loss_curve.png")
+    io_group.add_argument("--out", help="output folder: iter_<N>/ snapshots, log.csv, loss_curve.png (resume: the snapshot's)")
     io_group.add_argument("--resume", help="continue exactly from a snapshot folder OUT/iter_<N>")
     io_group.add_argument("--image-dir", default="JPEGImages", help="image folder for id lists")
     io_group.add_argument("--label-dir", default="SegmentationClassAug", help="label folder for id lists")
@@ -409,9 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device, place)
         if args.stop_after is not None and args.stop_after < 1:
             raise CaffeError(f"--stop-after must be >= 1, got {args.stop_after}")
+        if not args.out and not args.resume:
+            raise CaffeError("--out is required")
+        out = Path(args.out) if args.out else Path(args.resume).parent
         plan = _plan_resume if args.resume else _plan_new_run
         model, config, parent, parent_manifest, parity_line, start, optimizer_state = plan(args, place, device)
-        out = Path(args.out)
         if place.main:
             print(parity_line)
             if not (parent_manifest.get(PARITY_KEY) or parent.get("parity")):
@@ -421,11 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" x world {config.world_size}; base_lr {config.solver.base_lr:g} {config.solver.lr_policy}"
                 f" over {config.solver.max_iter} updates; device {device}"
             )
+        dataset = get_dataset(config, progress=place.main)  # every file checked before anything is written
+        if place.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise CaffeError(f"cannot create the output folder: {error.strerror or error}", path=out) from None
-        dataset = get_dataset(config, progress=place.main)
         result = train(
             model,
             config,
