@@ -11,6 +11,7 @@ import torch
 from converter.caffe.load import load_net
 from converter.caffe.prototxt import read_prototxt
 from converter.deeplab.convert import convert_deeplab
+from converter.errors import CaffeError
 from converter.layers import build_net
 from converter.synthetic.weights import calibration_image, write_synthetic_deeplab
 from models.deeplab import DeepLabV2MSC, ResNetConfig
@@ -78,6 +79,20 @@ def test_release_test_nets_build(shared_reference: Path) -> None:
     msc = build_net(read_prototxt(folder / "voc12_resnet101_msc_test_seed_513.prototxt"))
     assert msc.graph.blob_shapes["fc1_interp"] == (1, 21, 513, 513)
     assert {entry.type for entry in msc.graph.left_out} == {"SegAccuracy"}
+
+
+def test_release_template_builds_with_defines(shared_reference: Path) -> None:
+    """The COCO-Stuff test template has ${NUM_LABELS} where numbers go: it builds once --define fills them."""
+    prototxt = shared_reference / "deeplab_v2" / "cocostuff_deeplabv2_resnet101_msc_test.prototxt"
+    with pytest.raises(CaffeError, match="NUM_LABELS"):
+        read_prototxt(prototxt)
+    defines = {"NUM_LABELS": "182", "NET_ID": "deeplab", "EXP": "cocostuff", "DATA_ROOT": "d", "TEST_SET": "val",
+               "TEST_SET_POSTFIX": "", "FEATURE_DIR": "f", "MODEL_NAME": "m"}
+    built = build_net(read_prototxt(prototxt, defines))
+    assert built.input_names == ("data",) and built.output_names == ("fc1_interp_argmax",)
+    assert built.graph.blob_shapes["fc1_interp"] == (1, 182, 513, 513)
+    assert {(e.type, e.reason.split(";")[0]) for e in built.graph.left_out} == {
+        ("MatWrite", "loss/accuracy/writer layer, not run at inference"), ("Silence", "consumes its bottoms")}
 
 
 def test_deeplab_forward_is_finite_for_each_tower(msc_files) -> None:

@@ -368,11 +368,13 @@ class _Builder:
             self._input_shape(b, layer.name) if b in self.inputs else self.shapes[b] for b in layer.bottoms
         )
         names = [spec.name for spec in layer.param.param]
-        sharer = bool(layer.blobs) and len(names) >= len(layer.blobs)
-        sharer = sharer and all(name in self.param_names for name in names[: len(layer.blobs)])
+        tied = bool(names) and all(name in self.param_names for name in names)
         self.param_names.update(name for name in names if name)
-        spec = LayerSpec(layer=layer, shapes=bottom_shapes, path=self.path, copy_blobs=not sharer)
+        spec = LayerSpec(layer=layer, shapes=bottom_shapes, path=self.path, tied=tied)
         module = registration.convert(spec)
+        if tied and len(getattr(module, "caffe_blobs", ())) > len(names):  # a blob of its own after all
+            spec = dataclasses.replace(spec, tied=False)
+            module = registration.convert(spec)
         if not isinstance(module, nn.Module):
             raise self.error(f"converter {registration.qualname} returned {type(module).__name__}, not an nn.Module", layer.name)
         top_shapes = self._infer(spec, module)

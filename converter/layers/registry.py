@@ -42,7 +42,7 @@ class LayerSpec:
     layer: Layer
     shapes: tuple[Shape, ...]
     path: str  # the net's file, for error messages
-    copy_blobs: bool = True  # False for a layer whose every blob is shared with an earlier one (tied after)
+    tied: bool = False  # every blob is an earlier layer's shared parameter: its own tensors are placeholders
 
     @property
     def param(self) -> Any:
@@ -93,13 +93,14 @@ class LayerSpec:
         # kernels by alignment, so a build and its reload from the checkpoint would differ in the last bits.
         # Blobs that will be replaced by an earlier layer's shared tensor stay views (no read, no copy).
         tensor = torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(shape))
-        return tensor.clone() if self.copy_blobs else tensor
+        return tensor if self.tied else tensor.clone()
 
     def new(self, module_class: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
         """`module_class(*args, **kwargs)`; on the meta device (no memory, no random initialisation) when
-        the layer has blobs, which `load` then puts in place of every parameter (ResNet-101's random
-        init costs more than the whole build; `nn.utils.skip_init` would make torch import sympy: 1.2 s)."""
-        if self.layer.blobs:
+        the layer has blobs, which `load` then puts in place of every parameter, or when its parameters
+        will be tied to an earlier layer's (ResNet-101's random init costs more than the whole build;
+        `nn.utils.skip_init` would make torch import sympy: 1.2 s)."""
+        if self.layer.blobs or self.tied:
             return module_class(*args, device="meta", **kwargs)
         return module_class(*args, **kwargs)
 
