@@ -11,7 +11,8 @@ Public API (stable; other packages, e.g. converter.export, build on it):
   - `run(inputs: Mapping[str, Tensor], keep=() | "all") -> dict[str, Tensor]`: outputs plus
     the blobs named in `keep`; `"all"` returns every blob (inputs too) with the value it has
     when the forward ends (in-place layers overwrite, as in Caffe), in first-produced order.
-  - `run_layer(name, *bottoms) -> tuple[Tensor, ...]`: one layer on given bottoms.
+  - `run_layer(name, *bottoms) -> tuple[Tensor, ...]`: one layer on given bottoms (`run_key(key, ...)`
+    for `LayerInfo.key`, which tells apart layers that repeat a name: Caffe allows that).
   - `input_names`, `output_names`, `graph` (a `Graph`: inputs with shapes, outputs, per-layer
     `LayerInfo` with bottoms/tops/shapes/converter/parameter count/shared params, `left_out`
     layers with reasons; `graph.to_json()` is what manifests record).

@@ -513,9 +513,10 @@ class _Builder:
             if a != b:
                 raise self.error(f"{where}: {field_name} {a:g} here but {b:g} there", layer.name)
         if layer.blobs and owner.blobs:
-            here = np.asarray(layer.blobs[index], dtype=np.float32).reshape(-1)
-            there = np.asarray(owner.blobs[owner_index], dtype=np.float32).reshape(-1)
-            if here.shape != there.shape or not np.array_equal(here, there):
+            here = np.ascontiguousarray(layer.blobs[index], dtype=np.float32).reshape(-1)
+            there = np.ascontiguousarray(owner.blobs[owner_index], dtype=np.float32).reshape(-1)
+            # Byte equality (a memcmp, no temporaries): the copies Caffe saved must be the same bits.
+            if here.shape != there.shape or memoryview(here).cast("B") != memoryview(there).cast("B"):
                 diff = float(np.max(np.abs(here - there))) if here.shape == there.shape else float("nan")
                 raise self.error(f"{where}: the weights' copies differ (max abs difference {diff:g})", layer.name)
 

@@ -8,6 +8,7 @@ factor and eps, Softmax axis, Eltwise coefficients, Interp sizes, shared paramet
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from converter.caffe.netdesc import Layer, Net
+from converter.layers.data import INPUT_TYPES
 from converter.layers.graph import CaffeNet, LayerInfo
 
 Note = Callable[[Layer, LayerInfo, nn.Module], list[str]]
@@ -134,15 +136,24 @@ def inspect_rows(built: CaffeNet, net: Net) -> list[Row]:
     keys_by_name: dict[str, list[str]] = {}
     for info in built.graph.layers:
         keys_by_name.setdefault(info.name, []).append(info.key)
+    inputs = built.graph.inputs
+    declared = {top for layer in net.layers if layer.type in INPUT_TYPES for top in layer.tops}
     rows = [
-        Row(f"({name})", "input", "", name, _shape(shape), "", "net input")
-        for name, shape in built.graph.inputs.items()
+        Row(f"({name})", "input", "", name, _shape(shape), "", "net input (input:/input_shape)")
+        for name, shape in inputs.items() if name not in declared
     ]
     for layer in net.layers:
         keys = keys_by_name.get(layer.name, [])
+        if layer.type in INPUT_TYPES and layer.name not in left_out:
+            used = [top for top in layer.tops if top in inputs]
+            unused = [top for top in layer.tops if top not in inputs]
+            note = "net input" if used else "input no kept layer reads (not fed)"
+            note += f"; not fed: {', '.join(unused)} (no kept layer reads it)" if used and unused else ""
+            rows.append(Row(layer.name, layer.type, "", ",".join(layer.tops), " ".join(_shape(inputs[t]) for t in used), "", note))
+            continue
         if not keys:
-            reason = left_out.get(layer.name, "input")
-            rows.append(Row(layer.name, layer.type, ",".join(layer.bottoms), ",".join(layer.tops), "", "", f"left out: {reason}"))
+            rows.append(Row(layer.name, layer.type, ",".join(layer.bottoms), ",".join(layer.tops), "", "",
+                            f"left out: {left_out.get(layer.name, '')}"))
             continue
         info = run[keys.pop(0)]
         module = built.layers[info.key]
@@ -162,7 +173,7 @@ def format_table(rows: list[Row]) -> str:
     """Rows as aligned text columns with a header."""
     header = Row("name", "type", "bottoms", "tops", "output shape", "params", "notes")
     table = [header, *rows]
-    fields = list(Row.__dataclass_fields__)
+    fields = [field.name for field in dataclasses.fields(Row)]
     widths = {f: max(len(getattr(r, f)) for r in table) for f in fields[:-1]}
     lines = []
     for row in table:
