@@ -610,6 +610,10 @@ class Identity(SameShape, nn.Module):
         return x
 
 
+class Dropout(SameShape, nn.Dropout):
+    """Caffe Dropout in a TRAIN-phase build: inverted dropout (kept values scaled by 1/(1-p)) in train() mode."""
+
+
 class PerBottom(nn.Module):
     """A layer with several bottom/top pairs (Convolution allows it): one module, applied to each."""
 

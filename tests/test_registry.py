@@ -180,3 +180,20 @@ def test_random_net_helper_round_trips_through_the_binary_format(tmp_path) -> No
 
     net = build_net(load_net(caffemodel, prototxt))
     assert torch.equal(net.caffe_blobs("c")[1], torch.arange(2, dtype=torch.float32))
+
+
+def test_train_phase_build_uses_batch_statistics_and_dropout() -> None:
+    text = ('layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" }\n'
+            'layer { name: "drop" type: "Dropout" bottom: "bn" top: "drop" dropout_param { dropout_ratio: 0.5 } }\n'
+            'layer { name: "test_only" type: "ReLU" bottom: "drop" top: "relu" include { phase: TEST } }\n')
+    test = build_net(_net(text))
+    train = build_net(_net(text), phase="TRAIN")
+    assert test.layer_module("bn").use_global_stats and not train.layer_module("bn").use_global_stats
+    assert [i.name for i in train.graph.layers] == ["bn", "drop"] and train.output_names == ("drop",)
+    x = torch.randn(2, 4, 6, 6) * 3 + 1
+    with torch.no_grad():
+        normalised = train(x)["drop"]  # eval(): dropout passes values through; the batch's own statistics
+        assert torch.allclose(normalised.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5)
+        train.train()
+        dropped = train(x)["drop"]
+    assert (dropped == 0).any() and torch.allclose(dropped[dropped != 0], 2 * normalised[dropped != 0], atol=1e-6)

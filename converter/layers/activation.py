@@ -18,6 +18,7 @@ from models.caffe_ops import (
     CaffePReLU,
     CaffeReLU,
     CaffeThreshold,
+    Dropout,
     Identity,
     Sigmoid,
     TanH,
@@ -118,9 +119,10 @@ def threshold(spec: LayerSpec) -> nn.Module:
 
 @register("Dropout")
 def dropout(spec: LayerSpec) -> nn.Module:
-    """Identity at test time (Caffe scales during training, so inference passes values unchanged)."""
+    """Identity in the TEST phase (Caffe scales kept values by 1/(1-ratio) while training, so inference
+    passes values unchanged); in a TRAIN-phase build, nn.Dropout, which does the same in train() mode."""
     _unary(spec)
     ratio = spec.param.dropout_param.dropout_ratio
     spec.check(0 <= ratio < 1, f"dropout_ratio must be in [0, 1), got {ratio}")
-    return Identity()
+    return Identity() if spec.phase == "TEST" else Dropout(ratio)
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from converter.caffe.netdesc import Layer
+from converter.caffe.schema import caffe_pb
 from converter.errors import CaffeError
 
 INPUT_TYPES = frozenset(
@@ -34,9 +35,7 @@ def is_dropped_type(type_name: str) -> bool:
 
 def _rule_met(rule: Any, phase: str, level: int, stages: frozenset[str]) -> bool:
     """Caffe's StateMeetsRule for one NetStateRule."""
-    if rule.HasField("phase") and type(rule).DESCRIPTOR.fields_by_name["phase"].enum_type.values_by_number[
-        rule.phase
-    ].name != phase:
+    if rule.HasField("phase") and caffe_pb().Phase.Name(rule.phase) != phase:
         return False
     if rule.HasField("min_level") and level < rule.min_level:
         return False

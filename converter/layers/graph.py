@@ -370,7 +370,7 @@ class _Builder:
         names = [spec.name for spec in layer.param.param]
         tied = bool(names) and all(name in self.param_names for name in names)
         self.param_names.update(name for name in names if name)
-        spec = LayerSpec(layer=layer, shapes=bottom_shapes, path=self.path, tied=tied)
+        spec = LayerSpec(layer=layer, shapes=bottom_shapes, path=self.path, tied=tied, phase=self.phase)
         module = registration.convert(spec)
         if tied and len(getattr(module, "caffe_blobs", ())) > len(names):  # a blob of its own after all
             spec = dataclasses.replace(spec, tied=False)

@@ -22,12 +22,12 @@ def _channels(spec: LayerSpec) -> int:
 @register("BatchNorm")
 def batch_norm(spec: LayerSpec) -> nn.Module:
     """BatchNorm: statistics divided by the moving-average factor (0 means 0), eps from the layer;
-    use_global_stats defaults to true at test time, as in Caffe."""
+    use_global_stats defaults to true in the TEST phase and false in TRAIN, as in Caffe."""
     spec.bottoms(1)
     spec.tops(1)
     channels = _channels(spec)
     p = spec.param.batch_norm_param
-    use_global = p.use_global_stats if p.HasField("use_global_stats") else True
+    use_global = p.use_global_stats if p.HasField("use_global_stats") else spec.phase == "TEST"
     eps = bn_eps(spec.layer)
     spec.check(eps > 0, f"eps must be positive, got {eps}")
     module = CaffeBatchNorm(channels, eps, use_global_stats=use_global)

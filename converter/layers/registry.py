@@ -43,6 +43,7 @@ class LayerSpec:
     shapes: tuple[Shape, ...]
     path: str  # the net's file, for error messages
     tied: bool = False  # every blob is an earlier layer's shared parameter: its own tensors are placeholders
+    phase: str = "TEST"  # the net's phase (BatchNorm's use_global_stats and Dropout default by it)
 
     @property
     def param(self) -> Any:
