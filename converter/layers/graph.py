@@ -300,7 +300,7 @@ class _Builder:
             for _, info in self.kept
         ]
         used_inputs = {name: shape for name, shape in self.inputs.items() if name in self.consumed}
-        steps = self._steps(set(used_inputs))
+        steps = self._steps()
         outputs = self._outputs()
         graph = Graph(
             name=self.net.name,
@@ -309,7 +309,7 @@ class _Builder:
             outputs=outputs,
             layers=tuple(infos),
             left_out=tuple(self.left_out),
-            blob_shapes=dict(self.shapes),
+            blob_shapes={name: shape for name, shape in self.shapes.items() if name not in self.inputs or name in used_inputs},
         )
         model = CaffeNet(graph, self.modules, steps, ties)
         log.info("built %s: %d layers run, %d left out", self.net.name or self.path, len(infos), len(self.left_out))
@@ -522,7 +522,7 @@ class _Builder:
 
     # ------------------------------------------------------------------ plan
 
-    def _steps(self, inputs: set[str]) -> tuple[Step, ...]:
+    def _steps(self) -> tuple[Step, ...]:
         """Each kept layer with the blobs whose last read it is (freed after it unless kept)."""
         last_read: dict[str, int] = {}
         for position, (layer, _) in enumerate(self.kept):
