@@ -30,7 +30,7 @@ DEMO := build/demo
 DEMO_CONFIG ?= resnet101
 DEMO_TRAIN_ITER := 40
 
-.PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs bench-onnx clean \
+.PHONY: help setup convert demo test test-all verify-parity reference-opencv bench-convert bench-verify caffe-image caffe-blobs bench-onnx clean fuzz \
 	build-net inspect bench-registry \
 	eval predict bench-eval train demo-data bench-train
 
@@ -43,6 +43,7 @@ help:
 	@echo "make build-net PROTOTXT=... CAFFEMODEL=... OUT=<folder> [ARGS='--define N=V --input-shape ...'] | make inspect PROTOTXT=..."
 	@echo "make verify-parity ONNX=model.onnx REFERENCE=ref.h5 [REPORT_DIR=...] [CHECKPOINT=<source folder>]"
 	@echo "make bench-convert | bench-verify | bench-onnx | caffe-image | caffe-blobs"
+	@echo "make fuzz N=100000 [KIND=hdf5] [FUZZ_MIN=10000]  fuzz every bad-input path; crashes kept in fuzz/regressions"
 	@echo "make eval CHECKPOINT=<folder> DATA=<root> LIST=<list> OUT=<folder> [DEVICE=auto] [ARGS='--flip --crf ...']"
 	@echo "make eval PREDICTIONS=<folder of <id>.png> DATA=... LIST=... OUT=...   (score saved label PNGs)"
 	@echo "make predict IMAGES='<files or folders>' CHECKPOINT=<folder> OUT=<folder>"
@@ -84,7 +85,14 @@ demo: $(SETUP)
 	$(PY) -m segmentation demo-data --out $(DEMO)/data
 	$(PY) -m segmentation train --checkpoint $(DEMO)/init_tiny --data $(DEMO)/data --list $(DEMO)/data/list/train.txt \
 		--out $(DEMO)/train --max-iter $(DEMO_TRAIN_ITER) --crop-size 129 --device cpu --threads 1
-	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders, trained snapshot $(DEMO)/train/iter_$(DEMO_TRAIN_ITER)"
+	@echo "== demo evaluation: the untrained tiny init, then the trained snapshot, on the synthetic val split (pad 513)"
+	$(PY) -m segmentation eval --checkpoint $(DEMO)/init_tiny --data $(DEMO)/data --list $(DEMO)/data/list/val.txt \
+		--out $(DEMO)/eval_init --device cpu --threads 1 --quiet
+	$(PY) -m segmentation eval --checkpoint $(DEMO)/train/iter_$(DEMO_TRAIN_ITER) --data $(DEMO)/data \
+		--list $(DEMO)/data/list/val.txt --out $(DEMO)/eval --save-predictions $(DEMO)/eval/predictions --device cpu --threads 1
+	$(PY) -m segmentation predict $(foreach i,00000 00001 00002,$(DEMO)/data/JPEGImages/val_$(i).jpg) \
+		--checkpoint $(DEMO)/train/iter_$(DEMO_TRAIN_ITER) --out $(DEMO)/eval/overlays --device cpu --threads 1
+	@echo "== demo passed: checkpoints in $(DEMO)/voc12 and $(DEMO)/init, parity reports in their parity/ folders, trained snapshot $(DEMO)/train/iter_$(DEMO_TRAIN_ITER), its evaluation $(DEMO)/eval/report.md and overlays in $(DEMO)/eval/overlays"
 
 # Without CHECKPOINT, PROTOTXT + CAFFEMODEL + REFERENCE verify any supported net built in memory by the
 # layer registry (report in REPORT_DIR, default build/parity/<net name>/; nothing recorded).
@@ -166,6 +174,15 @@ demo-data: $(SETUP)
 # (a) the earlier port's configuration vs (b) the trainer's fast defaults; CUDA: ResNet-101, CPU: tiny.
 bench-train: $(SETUP)
 	$(PY) -m benchmarks.bench_train $(if $(filter command line environment,$(origin BENCH_CONFIG)),--config $(BENCH_CONFIG)) $(ARGS)
+
+# Fuzz harness (issue 6): N cases in all, split over the input kinds (at least FUZZ_MIN each);
+# KIND=<kind> for one kind; crashes are minimised into fuzz/regressions/. Exit 1 on any crash.
+fuzz: N ?= 600
+fuzz: FUZZ_MIN ?= 0
+fuzz: FUZZ_SEED ?= 0
+fuzz: $(SETUP)
+	$(PY) -m fuzz --cases $(N) --min-per-kind $(FUZZ_MIN) --seed $(FUZZ_SEED) $(foreach k,$(KIND),--kind $(k)) \
+		--keep-crashes --report build/fuzz/report.json
 
 test: $(SETUP)
 	$(PY) -m pytest -q

@@ -2,9 +2,9 @@
 
 The manifest is the checkpoint's evidence: hashes of the inputs and of the files written,
 the net definition used, the model configuration, surgery, coverage of the name map,
-library versions and (filled later by `verify`) the parity verdict. Each file is written
-under a temporary name in the output folder and moved into place only when all are
-complete, so a failed run leaves nothing new at the output paths.
+library versions and (filled later by `verify`) the parity verdict. The folder is written as
+one unit: the files go into a staging folder beside it, which then takes the folder's place in
+one step (converter/atomic.py), so a failed run leaves nothing new at the output path.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import safetensors.torch
 import torch
 
-from converter.atomic import temporary_beside, write_atomic
+from converter.atomic import replace_folder, umask, write_atomic
 from converter.errors import CaffeError
 
 log = logging.getLogger(__name__)
@@ -114,31 +114,29 @@ def new_manifest(
     }
 
 
-def _make_dir(out_dir: Path) -> list[Path]:
-    """Create `out_dir` (and parents); return the folders created, deepest first, for cleanup."""
-    missing = []
-    probe = out_dir
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CaffeError(f"cannot create the output folder: {error.strerror or error}", path=out_dir) from None
-    if not os.access(out_dir, os.W_OK):
-        raise CaffeError("output folder is not writable", path=out_dir)
-    return missing
-
-
-def _write_temp(out_dir: Path, name: str, write: Callable[[Path], None], temps: list[Path]) -> Path:
-    temp = temporary_beside(out_dir / name)
-    temps.append(temp)
-    write(temp)
-    return temp
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """JSON with no NaN/Infinity tokens (they are not JSON): a non-finite value is refused, not written."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError:
+        raise CaffeError("the manifest holds a NaN or infinite number; refusing to write invalid JSON", path=path) from None
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, whose C++ writer reports a full disk as RuntimeError: an OSError like any other write."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as error:
+        raise OSError(f"torch.save could not write {path.name} (disk full?): {str(error).splitlines()[0]}") from None
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether `folder` holds a manifest of this format: an earlier output that a new write may replace."""
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_checkpoint(
@@ -148,49 +146,37 @@ def write_checkpoint(
     *,
     legacy_state_dict: dict[str, torch.Tensor] | None = None,
 ) -> CheckpointPaths:
-    """Write model.pth, model.safetensors (and legacy_model.pth if given) and manifest.json into `out_dir`.
+    """Write model.pth, model.safetensors (and legacy_model.pth if given) and manifest.json as `out_dir`.
 
-    The manifest gains `files`: the sha256 of each file written. All files are written as
-    temporaries in `out_dir` first; on any failure the temporaries (and folders this call
-    created) are removed and existing files at the output paths are untouched.
+    The manifest gains `files`: the sha256 of each file written. `out_dir` must be absent, empty or
+    an earlier checkpoint folder (anything else is refused). The set is written into a staging
+    folder beside it and put in place as one unit (`converter.atomic.replace_folder`): a reader
+    sees the old set or the new one, never a mix, nothing of the old set (a stale parity report)
+    survives, and a failure leaves the old set as it was. Files follow the umask.
     """
     out = Path(out_dir)
-    created_dirs = _make_dir(out)
     tensors = {key: value.contiguous() for key, value in state_dict.items()}
     writers: dict[str, Callable[[Path], None]] = {
-        PTH_FILE: lambda path: torch.save(tensors, path),
+        PTH_FILE: lambda path: _torch_save(tensors, path),
         SAFETENSORS_FILE: lambda path: safetensors.torch.save_file(tensors, str(path)),
     }
     if legacy_state_dict is not None:
-        writers[LEGACY_FILE] = lambda path: torch.save(legacy_state_dict, path)
-    temps: list[Path] = []
-    try:
+        writers[LEGACY_FILE] = lambda path: _torch_save(legacy_state_dict, path)
+
+    def build(staging: Path) -> None:
         # Each file is hashed in a worker thread while the next one is written (hashlib releases the GIL).
         with ThreadPoolExecutor(max_workers=2) as pool:
-            written, hashes = {}, {}
+            hashes = {}
             for name, write in writers.items():
-                written[name] = _write_temp(out, name, write, temps)
-                hashes[name] = pool.submit(sha256_file, written[name])
+                write(staging / name)
+                hashes[name] = pool.submit(sha256_file, staging / name)
             manifest["files"] = {name: future.result() for name, future in hashes.items()}
-        written[MANIFEST_FILE] = _write_temp(out, MANIFEST_FILE, lambda path: _write_json(path, manifest), temps)
-        for name, temp in written.items():  # the manifest last: it vouches for the others
-            os.replace(temp, out / name)
-            temps.remove(temp)
-    except BaseException as error:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        for folder in created_dirs:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(error, OSError):
-            raise CaffeError(f"cannot write the checkpoint: {error.strerror or error}", path=out) from None
-        raise
-    stale_legacy = out / LEGACY_FILE
-    if legacy_state_dict is None and stale_legacy.exists():
-        log.info("removing %s left by an earlier checkpoint in this folder", stale_legacy)
-        stale_legacy.unlink()
+        _write_json(staging / MANIFEST_FILE, manifest)
+        mode = 0o666 & ~umask()  # safetensors writes 0600 whatever the umask; all files alike
+        for name in (*writers, MANIFEST_FILE):
+            os.chmod(staging / name, mode)
+
+    replace_folder(out_dir, build, owned=is_checkpoint_folder)
     log.info("checkpoint written to %s", out)
     return CheckpointPaths(
         out_dir=out,
@@ -214,7 +200,49 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
         raise CaffeError(f"not a {FORMAT} manifest", path=path)
     if manifest.get("version") != VERSION:
         raise CaffeError(f"manifest version {manifest.get('version')!r} is not supported (expected {VERSION})", path=path)
+    _check_manifest_types(manifest, path)
     return manifest
+
+
+# Top-level manifest fields and the JSON types they may hold (None: JSON null). A hand-edited manifest
+# is checked here, on read, so no reader of it meets a list where a mapping belongs.
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "created": (str,),
+    "inputs": (dict, type(None)),
+    "prototxt_text": (str, type(None)),
+    "model": (dict,),
+    "surgery": (dict, type(None)),
+    "coverage": (dict, type(None)),
+    "versions": (dict,),
+    "files": (dict,),
+    "parity": (dict, type(None)),
+}
+
+
+def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
+    for key, types in _MANIFEST_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], types):
+            raise CaffeError(f"manifest field '{key}' holds {type(manifest[key]).__name__}, expected "
+                             + " or ".join("null" if t is type(None) else _JSON_NAMES[t] for t in types), path=path)
+    if not isinstance(manifest.get("model", {}).get("arch"), str):
+        raise CaffeError("manifest field 'model' names no arch", path=path)
+    bad = [name for name, digest in manifest.get("files", {}).items() if not isinstance(digest, str)]
+    if bad:
+        raise CaffeError(f"manifest field 'files' holds a non-text sha256 for {bad[0]}", path=path)
+    inputs = manifest.get("inputs") or {}
+    for name, record in inputs.items():
+        if record is not None and not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                                       and isinstance(record.get("sha256"), str)):
+            raise CaffeError(f"manifest input '{name}' is not a record with a path and a sha256", path=path)
+
+
+_JSON_NAMES = {str: "text", dict: "a mapping", list: "a list"}
+
+
+def manifest_path(path: str | Path) -> Path:
+    """The manifest.json of a checkpoint given as its folder or as one of its files."""
+    given = Path(path)
+    return (given if given.is_dir() else given.parent) / MANIFEST_FILE
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -237,10 +265,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     recorded = manifest.get("files", {}).get(weights.name)
     if recorded != sha256_file(weights):
         raise CaffeError("file does not match the sha256 in manifest.json (changed or partly written)", path=weights)
-    if weights.name == SAFETENSORS_FILE:
-        state_dict = safetensors.torch.load_file(str(weights))
-    else:
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        if weights.name == SAFETENSORS_FILE:
+            state_dict = safetensors.torch.load_file(str(weights))
+        else:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # the hash matched a hand-made manifest: the loaders raise many types for bad bytes
+        raise CaffeError(f"cannot load the weights: damaged file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:120] if str(error) else ''})", path=weights) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CaffeError("does not hold a state dict of tensors", path=weights)
     return state_dict, manifest
 
 

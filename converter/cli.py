@@ -25,11 +25,13 @@ from converter.export.cli import add_export_commands
 from converter.deeplab.legacy_port import LEGACY_BN_EPS, from_legacy, to_legacy
 from converter.caffe.load import load_net, net_definition_text
 from converter.deeplab.surgery import SurgeryReport, head_classes, replace_head
-from models.deeplab import HEAD_WEIGHT_STD
+from converter.loading import MAX_CLASSES, load_weights_strictly
+from models.deeplab import HEAD_WEIGHT_STD, DeepLabV2
 
 log = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits
 RELEASE_FILES = ("train_iter_20000.caffemodel", "init.caffemodel")
 RELEASE_HINT = (
     "the DeepLab-v2 release provides it (deeplab_aspp_resnet101 'prototxt_and_model' on the DeepLab-v2 "
@@ -90,6 +92,7 @@ def _print_surgery(report: SurgeryReport | None) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     """Caffe DeepLab-v2 files -> checkpoint folder, with surgery and the manifest."""
     started = time.perf_counter()
+    _check_arguments(args)
     caffemodel = Path(args.caffemodel)
     prototxt = Path(args.prototxt) if args.prototxt else None
     _require_file(caffemodel, "caffemodel")
@@ -128,9 +131,36 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - started:.1f} s")
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Range checks argparse's int() cannot make: one line naming the option, before any work."""
+    if not args.out:
+        raise CaffeError("--out is an empty string; give the output folder")
+    classes = getattr(args, "classes", 1)
+    if not 1 <= classes <= MAX_CLASSES:
+        raise CaffeError(f"--classes {classes} is out of range (1 to {MAX_CLASSES})")
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed <= MAX_SEED:
+        raise CaffeError(f"--seed {seed} is out of range (0 to 2**63 - 1)")
+
+
+def _check_imported(state_dict: dict[str, torch.Tensor], source: Path) -> tuple[Any, int]:
+    """The config and classes of imported weights, after checking they fit that model exactly and are finite."""
+    try:
+        config, num_classes = config_from_state_dict(state_dict)
+        model = DeepLabV2(num_classes=num_classes, config=config, bn_eps=LEGACY_BN_EPS)
+    except (CaffeError, ValueError, IndexError) as error:
+        raise CaffeError(f"not the earlier port's DeepLab-v2 layout: {error}", path=source) from None
+    load_weights_strictly(model, state_dict, source=source)
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CaffeError(f"{key} holds NaN or inf values", path=source)
+    return config, num_classes
+
+
 def run_import_legacy(args: argparse.Namespace) -> None:
     """An earlier-port .pth -> checkpoint folder in this project's layout."""
     started = time.perf_counter()
+    _check_arguments(args)
     source = Path(args.from_legacy)
     _require_file(source, "legacy checkpoint")
     try:
@@ -144,7 +174,7 @@ def run_import_legacy(args: argparse.Namespace) -> None:
         state_dict = from_legacy(legacy)
     except CaffeError as error:
         raise CaffeError(error.message, path=source) from None
-    config, num_classes = config_from_state_dict(state_dict)
+    config, num_classes = _check_imported(state_dict, source)
     manifest = new_manifest(
         inputs={"caffemodel": None, "prototxt": None, "legacy_checkpoint": file_record(source)},
         prototxt_text=None,

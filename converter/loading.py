@@ -6,16 +6,17 @@ does not need the model code and new architectures are added here in one place.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from converter.checkpoint import ARCH, manifest_path, read_checkpoint
 from converter.caffe.prototxt import prototxt_net
-from converter.checkpoint import ARCH, read_checkpoint
-from converter.errors import CaffeError, listed
 from converter.layers import ARCH as CAFFE_NET_ARCH
 from converter.layers import build_net, load_plugin
+from converter.errors import CaffeError, listed
 from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 
 
@@ -30,9 +31,14 @@ def load_weights_strictly(model: torch.nn.Module, state_dict: Mapping[str, torch
         for key, value in expected.items()
         if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
     ]
+    dtypes = [
+        f"{key} {state_dict[key].dtype}" for key, value in expected.items()
+        if key in state_dict and value.is_floating_point() and not state_dict[key].is_floating_point()
+    ]
     problems = [
         f"{what} {listed(keys)}"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong),
+                           ("integer values for float parameters", dtypes))
         if keys
     ]
     if problems:
@@ -40,12 +46,47 @@ def load_weights_strictly(model: torch.nn.Module, state_dict: Mapping[str, torch
     model.load_state_dict(dict(state_dict), strict=True)
 
 
+# Bounds of a DeepLab model entry (far above ResNet-101's), so a hand-edited manifest cannot ask for a
+# model that fills the memory: blocks per stage, channel widths, classes.
+MAX_BLOCKS, MAX_WIDTH, MAX_CLASSES = 256, 8192, 100_000
+_CONFIG_KEYS = ("blocks", "stem_width", "widths")
+
+
+def deeplab_entry(entry: dict[str, Any], manifest: str | Path) -> tuple[ResNetConfig, int, float]:
+    """(config, classes, BatchNorm eps) of a DeepLab manifest model entry, each checked for type and range.
+
+    A CaffeError names `manifest` (the manifest.json) and the field at fault.
+    """
+
+    def fail(what: str) -> CaffeError:
+        return CaffeError(f"manifest model entry: {what}", path=manifest)
+
+    def count(value: Any, name: str, limit: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise fail(f"{name} is {value!r:.40}, expected a whole number from 1 to {limit}")
+        return value
+
+    config = entry.get("config")
+    if not isinstance(config, dict) or sorted(config) != sorted(_CONFIG_KEYS):
+        raise fail(f"config must be a mapping with exactly {', '.join(_CONFIG_KEYS)}, found {config!r:.80}")
+    for name in ("blocks", "widths"):
+        if not isinstance(config[name], list) or len(config[name]) != 4:
+            raise fail(f"config.{name} is {config[name]!r:.60}, expected a list of 4 numbers")
+    blocks = tuple(count(b, "config.blocks[i]", MAX_BLOCKS) for b in config["blocks"])
+    widths = tuple(count(w, "config.widths[i]", MAX_WIDTH) for w in config["widths"])
+    stem = count(config["stem_width"], "config.stem_width", MAX_WIDTH)
+    classes = count(entry.get("num_classes"), "num_classes", MAX_CLASSES)
+    eps = entry.get("bn_eps")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise fail(f"bn_eps is {eps!r:.40}, expected a finite number > 0")
+    return ResNetConfig(blocks=blocks, stem_width=stem, widths=widths), classes, float(eps)
+
+
 def _build_deeplab(manifest: dict[str, Any], *, msc: bool, path: str | Path) -> torch.nn.Module:
     """DeepLab-v2 (multi-scale or single-scale) from the manifest's model entry, weights not loaded yet."""
-    entry = manifest["model"]
-    config = ResNetConfig(**entry["config"])
+    config, num_classes, bn_eps = deeplab_entry(manifest["model"], path)
     model_class = DeepLabV2MSC if msc else DeepLabV2
-    return model_class(num_classes=entry["num_classes"], config=config, bn_eps=entry["bn_eps"])
+    return model_class(num_classes=num_classes, config=config, bn_eps=bn_eps)
 
 
 def _build_caffe_net(manifest: dict[str, Any], *, msc: bool, path: str | Path) -> torch.nn.Module:
@@ -72,7 +113,7 @@ def build_model(
     builder = BUILDERS.get(entry.get("arch"))
     if builder is None:
         raise CaffeError(f"manifest describes arch {entry.get('arch')!r}, expected one of {listed(sorted(BUILDERS))}", path=source)
-    model = builder(manifest, msc=msc, path=source)
+    model = builder(manifest, msc=msc, path=manifest_path(source))
     load_weights_strictly(model, state_dict, source=source)
     return model.eval()
 

@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary.table())
     seen: set[str] = set()
     for crash in summary.crashes:
-        print(f"crash [{crash.kind}/{crash.mutation}]: {crash.detail}")
+        origin = f", {crash.case.origin}" if crash.case is not None and crash.case.origin else ""
+        print(f"crash [{crash.kind}/{crash.mutation}{origin}]: {crash.detail}")
         if args.keep_crashes and signature(crash) not in seen:
             seen.add(signature(crash))
             kept = save_regression(minimise(seeds, crash, workers=args.workers, limits=limits), crash.detail)

@@ -88,7 +88,8 @@ class Summary:
             "seconds": round(self.seconds, 1),
             "cases_per_second": round(self.total / self.seconds, 1) if self.seconds else None,
             "counts": {kind: {v: counts[v] for v in VERDICTS} for kind, counts in self.counts.items()},
-            "crashes": [{"kind": c.kind, "mutation": c.mutation, "detail": c.detail} for c in self.crashes],
+            "crashes": [{"kind": c.kind, "mutation": c.mutation, "detail": c.detail,
+                         "origin": c.case.origin if c.case is not None else ""} for c in self.crashes],
         }
 
     def table(self) -> str:

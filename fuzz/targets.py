@@ -10,6 +10,7 @@ evaluate do). Library calls run behind the same contract as a command: CaffeErro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -38,6 +39,7 @@ class Case:
     kind: str
     mutation: str
     files: dict[str, bytes] = field(default_factory=dict)
+    origin: str = ""  # "seed S index I" for a generated case, to reproduce it
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,12 @@ def make_case(seeds: Seeds, kind: str, seed: int, index: int) -> Case:
     """The case number `index` of `kind` for a run seeded with `seed`: the same on every machine."""
     rng = random.Random(f"{seed}:{kind}:{index}")
     spec = KINDS[kind]
+    origin = f"seed {seed} index {index}"
     if kind == "checkpoint":
-        return _checkpoint_case(seeds, rng)
+        return dataclasses.replace(_checkpoint_case(seeds, rng), origin=origin)
     data = seeds.path(spec.member).read_bytes()
     name, mutator = _pick(spec.structure, rng)
-    return Case(kind, name, {spec.member: _apply(mutator, data, rng)})
+    return Case(kind, name, {spec.member: _apply(mutator, data, rng)}, origin)
 
 
 def _pick(structure: dict[str, mutate.Mutator], rng: random.Random) -> tuple[str, mutate.Mutator]:

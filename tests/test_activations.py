@@ -190,7 +190,7 @@ def test_missing_group_is_rejected(tmp_path: Path, group: str) -> None:
 
 
 def test_integer_blob_is_rejected(tmp_path: Path) -> None:
-    _expect_error(_foreign_file(tmp_path / "f.h5", as_bytes=False, blob_dtype="i4"), "expected float32")
+    _expect_error(_foreign_file(tmp_path / "f.h5", as_bytes=False, blob_dtype="i4"), "not a floating-point dataset")
 
 
 def test_order_naming_a_missing_dataset_is_rejected(tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ import h5py
 import numpy as np
 
 from converter.atomic import write_atomic
+from converter.caffe.hdf5_guard import check_dataset, hdf5_errors, probe_hdf5
 from converter.errors import CaffeError
+from verify.inputs import check_input_size
 
 FORMAT = "caffe-activations"
 VERSION = 1
@@ -94,9 +96,12 @@ class ActivationsFile:
             raise CaffeError("no such reference activations file", path=self.path)
         if not h5py.is_hdf5(self.path):
             raise CaffeError("not an HDF5 file (expected a caffe-activations reference)", path=self.path)
-        self._file = h5py.File(self.path, "r")
+        probe_hdf5(self.path, "reference activations file")
+        with hdf5_errors(self.path, what="reference activations file"):
+            self._file = h5py.File(self.path, "r")
         try:
-            self._validate_and_load()
+            with hdf5_errors(self.path, what="reference activations file"):
+                self._validate_and_load()
         except BaseException:
             self._file.close()
             raise
@@ -127,10 +132,7 @@ class ActivationsFile:
         for group in ("inputs", "blobs"):
             if not isinstance(self._file.get(group), h5py.Group):
                 raise self._fail(f"group '/{group}' is missing")
-        self.inputs: dict[str, np.ndarray] = {
-            unescape_name(key): np.asarray(self._dataset("inputs", key)[()], dtype=np.float32)
-            for key in self._file["inputs"]
-        }
+        self.inputs: dict[str, np.ndarray] = {unescape_name(key): self._input(key) for key in self._file["inputs"]}
         blobs = self._file["blobs"]
         if "order" not in blobs.attrs:
             raise self._fail("attribute 'order' on '/blobs' is missing")
@@ -162,13 +164,23 @@ class ActivationsFile:
         raise self._fail(f"attribute '{what}' must hold text, found {type(value).__name__}")
 
     def _dataset(self, group: str, key: str) -> h5py.Dataset:
-        item = self._file[group].get(key)
+        item = self._file[group].get(key)  # None for a dangling link
         where = f"'/{group}/{key}'"
         if not isinstance(item, h5py.Dataset):
             raise self._fail(f"{where} is not a dataset")
-        if item.dtype.kind != "f":
-            raise self._fail(f"{where} has dtype {item.dtype}, expected float32")
+        check_dataset(item, self.path, where)
         return item
+
+    def _input(self, key: str) -> np.ndarray:
+        """An input, size-capped before it is read and checked finite (NaN in an input is bad input)."""
+        dataset = self._dataset("inputs", key)
+        check_input_size(dataset.shape, self.path, f"'/inputs/{key}'")
+        return self._finite(np.asarray(dataset[()], dtype=np.float32), f"'/inputs/{key}'")
+
+    def _finite(self, value: np.ndarray, where: str) -> np.ndarray:
+        if not np.isfinite(value).all():
+            raise self._fail(f"{where} holds NaN or inf values")
+        return value
 
     @property
     def names(self) -> list[str]:
@@ -180,11 +192,14 @@ class ActivationsFile:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The blob's shape, without reading its data."""
-        return tuple(self._file["blobs"][self._key(name)].shape)
+        with hdf5_errors(self.path, what="reference activations file"):
+            return tuple(self._file["blobs"][self._key(name)].shape)
 
     def get(self, name: str) -> np.ndarray:
         """The blob's value as float32 (read from disk now)."""
-        return np.asarray(self._file["blobs"][self._key(name)][()], dtype=np.float32)
+        with hdf5_errors(self.path, what="reference activations file"):
+            value = np.asarray(self._file["blobs"][self._key(name)][()], dtype=np.float32)
+        return self._finite(value, f"blob '{name}'")
 
     def _key(self, name: str) -> str:
         try:

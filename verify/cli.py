@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from converter.atomic import write_atomic
-from converter.checkpoint import read_checkpoint, sha256_file
+from converter.checkpoint import manifest_path, read_checkpoint, sha256_file
+from converter.loading import deeplab_entry
 from converter.caffe.params import DEFAULT_BN_EPS
 from converter.deeplab.names import config_from_state_dict
 from converter.errors import CaffeError
 from converter.caffe.prototxt import read_prototxt
-from models.deeplab import ResNetConfig
 from verify.activations import read_activations
 from converter.layers import ARCH as CAFFE_NET_ARCH
 from converter.loading import build_model
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "build/parity/<net name>/ without a checkpoint)")
     parser.add_argument("--blobs", nargs="+", help="compare only these reference blobs (names, or comma lists)")
     parser.add_argument("--no-drift", action="store_true", help="on CUDA, skip the TF32/bf16 drift information")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="accept a reference that leaves whole stages of the model out (the report lists them)")
     parser.add_argument("--define", action="append", metavar="NAME=VALUE",
                         help="without --checkpoint: fill ${NAME} in --prototxt")
     parser.add_argument("--plugin", action="append", metavar="MODULE",
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     state_dict, manifest = read_checkpoint(args.checkpoint)
     built = (manifest.get("model") or {}).get("arch") == CAFFE_NET_ARCH  # `python -m converter build` folders
-    spec = None if built else _model_spec(manifest, state_dict)
+    spec = None if built else _model_spec(manifest, state_dict, manifest_path(args.checkpoint))
     scope = "backbone" if _head_replaced(manifest) else "full"
     report_dir = args.report_dir or checkpoint_dir / REPORT_SUBDIR
     if args.reference is not None:
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = verify_state_dict(
                 state_dict, spec, reference, source=str(args.checkpoint), device=args.device, blobs=args.blob_list,
-                scope=scope, drift=False if args.no_drift else None,
+                scope=scope, drift=False if args.no_drift else None, allow_partial=args.allow_partial,
             )
     record_parity(checkpoint_dir, parity_record(result, sha256_file(reference_path)))
     return _report(result, report_dir, checkpoint_dir, started)
@@ -115,14 +118,12 @@ def _report(result: Any, report_dir: Path, checkpoint_dir: Path | None, started:
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 
-def _model_spec(manifest: dict[str, Any], state_dict: dict[str, Any]) -> ModelSpec:
+def _model_spec(manifest: dict[str, Any], state_dict: dict[str, Any], manifest_file: Path) -> ModelSpec:
     """The model the checkpoint was made for: from the manifest, else from the state dict's shapes."""
     model = manifest.get("model") or {}
-    if "config" in model and "num_classes" in model:
-        config = ResNetConfig(**model["config"])
-        num_classes = int(model["num_classes"])
-    else:
-        config, num_classes = config_from_state_dict(state_dict)
+    if "config" in model or "num_classes" in model:
+        return ModelSpec(*deeplab_entry(model, manifest_file))
+    config, num_classes = config_from_state_dict(state_dict)
     return ModelSpec(config, num_classes, float(model.get("bn_eps", DEFAULT_BN_EPS)))
 
 
@@ -139,19 +140,25 @@ def _produce_reference(args: argparse.Namespace, manifest: dict[str, Any], check
     if caffemodel is None:
         raise CaffeError("no --reference, and the manifest names no source caffemodel: give --caffemodel",
                          path=checkpoint_dir)
+    created = not report_dir.exists()
     report_dir.mkdir(parents=True, exist_ok=True)
-    if prototxt is None:
-        text = manifest.get("prototxt_text")
-        if not text:
-            raise CaffeError("no --prototxt, and the manifest holds no net definition", path=checkpoint_dir)
-        prototxt = write_atomic(report_dir / "net.prototxt", lambda path: path.write_text(text, encoding="utf-8"))
-    for path, what in ((caffemodel, "caffemodel"), (prototxt, "prototxt")):
-        if not path.is_file():
-            raise CaffeError(f"{what} does not exist (needed to produce the OpenCV reference)", path=path)
-    feeds = default_feed(read_prototxt(prototxt), args.image)
-    out = report_dir / REFERENCE_FILE
-    print(f"producing the OpenCV reference from {prototxt} + {caffemodel} -> {out}")
-    return produce_opencv_reference(prototxt, caffemodel, feeds, out)
+    try:
+        if prototxt is None:
+            text = manifest.get("prototxt_text")
+            if not text:
+                raise CaffeError("no --prototxt, and the manifest holds no net definition", path=checkpoint_dir)
+            prototxt = write_atomic(report_dir / "net.prototxt", lambda path: path.write_text(text, encoding="utf-8"))
+        for path, what in ((caffemodel, "caffemodel"), (prototxt, "prototxt")):
+            if not path.is_file():
+                raise CaffeError(f"{what} does not exist (needed to produce the OpenCV reference)", path=path)
+        feeds = default_feed(read_prototxt(prototxt), args.image)
+        out = report_dir / REFERENCE_FILE
+        print(f"producing the OpenCV reference from {prototxt} + {caffemodel} -> {out}")
+        return produce_opencv_reference(prototxt, caffemodel, feeds, out)
+    except BaseException:
+        if created:  # a failed run leaves no report folder behind
+            shutil.rmtree(report_dir, ignore_errors=True)
+        raise
 
 
 def _recorded_source(record: dict[str, Any] | None, what: str) -> Path | None:
@@ -178,6 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:  # e.g. a report folder that cannot be created: bad input, not a parity failure
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {error.filename or args.checkpoint}: {error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

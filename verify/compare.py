@@ -51,6 +51,7 @@ from verify.activations import ActivationsFile
 from verify.budget import ErrorStats, NoiseBudget, Tolerance, error_stats, ulps
 from verify.capture import BlobMap, blob_map, capture_blobs
 from verify.result import FAIL, PASS, SKIPPED, BlobRow, Scheme, VerificationResult
+from verify.stages import stages_not_covered
 from verify.teacher import ForcedStep, forced_steps
 
 log = logging.getLogger(__name__)
@@ -104,20 +105,23 @@ def verify_state_dict(
     blobs: Sequence[str] | None = None,
     scope: str = "full",
     drift: bool | None = None,
+    allow_partial: bool = False,
 ) -> VerificationResult:
     """Verify a DeepLab-v2 state dict against the reference file: the model and blob map the reference
     calls for (multi-scale or single, its head name) are built here, then `verify_model` runs both checks.
 
     `blobs` restricts the comparison to those reference blobs; `scope` "backbone" skips the head's
     blobs (a checkpoint whose head was replaced by surgery); `drift` (default: on for CUDA) adds the
-    information-only TF32 and bf16-autocast errors of a few stage blobs.
+    information-only TF32 and bf16-autocast errors of a few stage blobs; `allow_partial` accepts a
+    reference that leaves whole stages out (verify/stages.py), which the result then lists.
     """
     clock = time.perf_counter()
     torch_device(device)  # a bad device fails before the model is built
     mapping = blob_map(spec.config, reference.order, reference.prototxt)
     model = load_model(state_dict, spec, multi_scale=mapping.multi_scale, source=source)
     loaded = time.perf_counter() - clock
-    result = verify_model(model, mapping, spec.config, reference, device=device, blobs=blobs, scope=scope, drift=drift)
+    result = verify_model(model, mapping, spec.config, reference, device=device, blobs=blobs, scope=scope, drift=drift,
+                          allow_partial=allow_partial)
     timings = dict(result.timings)
     timings["load"] += loaded  # building the model is part of loading
     return dataclasses.replace(result, timings=timings)
@@ -133,6 +137,7 @@ def verify_model(
     blobs: Sequence[str] | None = None,
     scope: str = "full",
     drift: bool | None = None,
+    allow_partial: bool = False,
 ) -> VerificationResult:
     """Verify `model` (a DeepLab-v2 of `config`, weights loaded) against the reference file, blob by
     blob, through its blob taps `mapping` (both checks; see the module docstring). The model is moved
@@ -154,6 +159,13 @@ def verify_model(
         raise CaffeError(
             "the reference holds none of the blobs the PyTorch model maps"
             + (f" (it holds {listed(list(names))})" if names else ""),
+            path=reference.path,
+        )
+    stages_left_out = stages_not_covered(mapping, compared, scope=scope) if blobs is None else ()
+    if stages_left_out and not allow_partial:
+        raise CaffeError(
+            f"the reference leaves out whole stages of the model ({', '.join(stages_left_out)}): no blob of theirs "
+            "is in it; give a complete reference, or --allow-partial to verify the rest",
             path=reference.path,
         )
     data = _input(reference)
@@ -208,6 +220,7 @@ def verify_model(
         dtype="float32 (TF32 off)" if target.type == "cuda" else "float32",
         scope=scope,
         not_in_reference=not_in_reference,
+        stages_not_compared=stages_left_out,
         not_mapped=not_mapped,
         drift=drift_info,
         timings=timings,

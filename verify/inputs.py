@@ -12,6 +12,20 @@ import numpy as np
 from converter.errors import CaffeError
 from models.alignment import VOC_MEAN_BGR
 
+# The largest input the verifier feeds: 3 x 8192 x 8192 float32 (768 MiB). A net or reference that
+# declares more (a typo, a forged file) is refused before anything is allocated.
+MAX_INPUT_ELEMENTS = 3 * 8192 * 8192
+
+
+def check_input_size(shape: tuple[int, ...], path: str | Path, what: str) -> None:
+    """CaffeError naming `path` when an input of `shape` has a non-positive axis or exceeds MAX_INPUT_ELEMENTS."""
+    dims = tuple(int(d) for d in shape)
+    if not dims or min(dims) < 1:
+        raise CaffeError(f"{what} has shape {dims}: every axis must be at least 1", path=path)
+    if np.prod(dims, dtype=object) > MAX_INPUT_ELEMENTS:
+        raise CaffeError(f"{what} has shape {dims}, more than the {MAX_INPUT_ELEMENTS} values (3x8192x8192) "
+                         "the verifier feeds", path=path)
+
 
 
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -29,10 +29,11 @@ from google.protobuf import text_format
 from converter.errors import CaffeError
 from converter.caffe.netdesc import Net
 from converter.caffe.params import interp_params
+from converter.caffe.load import load_net
 from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
 from models.interp import caffe_interp_size
 from verify.activations import write_activations
-from verify.inputs import caffe_preprocess, load_image, synthetic_image
+from verify.inputs import caffe_preprocess, check_input_size, load_image, synthetic_image
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ def produce_opencv_reference(
     """
     cv2 = require_opencv4()
     prototxt = Path(prototxt)
+    # The project's reader sees the files first: OpenCV takes bytes that are no caffemodel (a PNG) for
+    # an empty one, and blames the prototxt for a bad caffemodel; load_net names the file at fault.
+    if caffemodel is not None:
+        load_net(weights=caffemodel, prototxt=prototxt)
     net = read_prototxt(prototxt)
     text = prototxt.read_text(encoding="utf-8")
     graph = BlobGraph.of(net)
@@ -325,6 +330,7 @@ def default_feed(net: Net, image: str | Path | None = None, size: tuple[int, int
     name, dims = next(iter(net.inputs.items()))
     if len(dims) != 4 or dims[1] != 3:
         raise CaffeError(f"input '{name}' has dims {dims}; this command feeds a 1x3xHxW image", path=net.path)
+    check_input_size((1, 3, *(size or dims[2:])), net.path, f"input '{name}'")
     if image is not None:
         picture = load_image(image)
         pad_to = (max(dims[2], picture.shape[0]), max(dims[3], picture.shape[1]))

@@ -71,6 +71,9 @@ def markdown_report(result: VerificationResult) -> str:
         "own float32 noise where that is more",
         "- scale of a blob: its largest magnitude; rel = error / scale",
     ]
+    if result.stages_not_compared:
+        lines.append(f"- stages not compared: {', '.join(result.stages_not_compared)} (partial reference, "
+                     "verified with --allow-partial)")
     if result.not_in_reference:
         lines.append(f"- not in reference: {_listed(result.not_in_reference)}")
     if result.not_mapped:
@@ -130,6 +133,7 @@ def result_to_json(result: VerificationResult) -> dict[str, Any]:
         "first_diverging": None if first is None else first.name,
         "worst": None if worst is None else worst.name,
         "scheme": scheme_to_json(result),
+        "stages_not_compared": list(result.stages_not_compared),
         "not_in_reference": list(result.not_in_reference),
         "not_mapped": list(result.not_mapped),
         "drift": result.drift,

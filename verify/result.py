@@ -73,6 +73,7 @@ class VerificationResult:
     dtype: str
     scope: str
     not_in_reference: tuple[str, ...] = ()
+    stages_not_compared: tuple[str, ...] = ()  # whole stages the reference left out (--allow-partial)
     not_mapped: tuple[str, ...] = ()
     drift: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

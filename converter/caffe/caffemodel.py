@@ -61,6 +61,23 @@ def read_caffemodel(path: PathLike) -> Net:
 
 def _parse_binary(cls: Any, data: bytes, path: Path, layer: str | None) -> Any:
     try:
-        return cls.FromString(data)
+        message = cls.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise CaffeError(f"cannot decode {cls.DESCRIPTOR.name} ({exc})", path=path, layer=layer) from None
+    _check_text(message, path, layer)
+    return message
+
+
+def _check_text(message: Any, path: Path, layer: str | None) -> None:
+    """Names, types, bottoms and tops must be text: protobuf hands back bytes (or fails) for invalid UTF-8."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type != field.TYPE_STRING:
+            continue
+        try:
+            values = getattr(message, field.name)
+            values = list(values) if not isinstance(values, (str, bytes)) else [values]
+        except UnicodeDecodeError:
+            values = [b""]
+        if any(not isinstance(value, str) for value in values):
+            raise CaffeError(f"{message.DESCRIPTOR.name}.{field.name} is not valid UTF-8 text", path=path,
+                             layer=layer)

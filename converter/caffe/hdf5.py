@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 
 from converter.atomic import write_atomic
-from converter.caffe.files import PathLike, input_file
+from converter.caffe.files import PathLike, input_file, looks_like_hdf5
+from converter.caffe.hdf5_guard import check_dataset, hdf5_errors, probe_hdf5
 from converter.caffe.netdesc import Layer, Net, check_finite
 from converter.caffe.schema import caffe_pb
 from converter.errors import CaffeError
@@ -29,14 +30,18 @@ def iter_hdf5_weights(path: PathLike) -> Iterator[tuple[str, tuple[np.ndarray, .
     so such layers come out with no blobs.
     """
     p = input_file(path)
+    if looks_like_hdf5(p):  # else h5py's own open error says what the file is not
+        probe_hdf5(p, "HDF5 weights file")
     try:
         h5 = h5py.File(p, "r")
     except OSError as exc:
         raise CaffeError(f"not an HDF5 file ({exc})", path=p) from None
     with h5:
-        layout = _hdf5_layout(h5, p)
+        with hdf5_errors(p, what="HDF5 weights file"):
+            layout = _hdf5_layout(h5, p)
         for name, datasets in layout:
-            blobs = tuple(_hdf5_blob(p, name, index, dataset) for index, dataset in enumerate(datasets))
+            with hdf5_errors(p, layer=name, what="HDF5 weights file"):
+                blobs = tuple(_hdf5_blob(p, name, index, dataset) for index, dataset in enumerate(datasets))
             yield name, blobs
 
 
@@ -67,10 +72,15 @@ def _hdf5_layout(h5: Any, path: Path) -> list[tuple[str, list[Any]]]:
         keys = sorted(group.keys(), key=lambda k: int(k) if k.isdigit() else -1)
         if keys != [str(i) for i in range(len(keys))]:
             raise CaffeError(f"blob datasets must be named 0..n-1, found {sorted(group.keys())}", path=path, layer=name)
-        datasets = [group[key] for key in keys]
-        for index, dataset in enumerate(datasets):
-            if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind != "f":
-                raise CaffeError(f"blob {index} is not a floating-point dataset", path=path, layer=name)
+        datasets = []
+        for index, key in enumerate(keys):
+            with hdf5_errors(path, layer=name, what="HDF5 weights file"):
+                dataset = group.get(key)  # None for a dangling soft link
+                if not isinstance(dataset, h5py.Dataset):
+                    raise CaffeError(f"blob {index} is not a dataset (a group, or a link to nothing)", path=path,
+                                     layer=name)
+                check_dataset(dataset, path, f"blob {index}", layer=name)
+            datasets.append(dataset)
         layout.append((name, datasets))
     return layout
 

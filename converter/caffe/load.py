@@ -14,6 +14,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from converter.caffe.caffemodel import read_caffemodel
+from converter.caffe.consistency import check_net_against_weights
 from converter.caffe.files import HDF5_SUFFIXES, PathLike, input_file, looks_like_hdf5
 from converter.caffe.hdf5 import read_hdf5_weights
 from converter.caffe.netdesc import Net
@@ -33,8 +34,9 @@ def load_net(
     name). With both files, each prototxt layer takes the blobs of the weights layer of
     the same name (the last one, when names repeat, as Caffe's CopyTrainedLayersFrom
     leaves it); weights layers the prototxt lacks are ignored, logged and listed in `ignored_layers`. The Net's
-    path is the weights file; unknown fields are prefixed with their file's name.
+    path is the weights file, its `definition` the prototxt; unknown fields are prefixed with their file's name.
     `defines` fills the prototxt's `${NAME}` placeholders (`prototxt.substitute_defines`).
+    The definition is checked against the weights as Caffe's loader checks them (converter/caffe/consistency.py).
     """
     if weights is None and prototxt is None:
         raise CaffeError("nothing to load: give a caffemodel (weights) and/or a prototxt")
@@ -47,7 +49,9 @@ def load_net(
             raise CaffeError("is named like HDF5 weights but is not an HDF5 file", path=weights_path)
         if hdf5:
             raise CaffeError("HDF5 weights hold no layer definitions: give the prototxt too", path=weights_path)
-        return read_caffemodel(weights_path)
+        net = read_caffemodel(weights_path)
+        check_net_against_weights(net, definition=weights_path, weights=weights_path)
+        return net
     structure = read_prototxt(prototxt, defines)
     source = read_hdf5_weights(weights_path) if hdf5 else read_caffemodel(weights_path)
     blobs_by_name = {layer.name: layer.blobs for layer in source.layers if layer.blobs}
@@ -58,8 +62,10 @@ def load_net(
                  listed(ignored, 10))
     unknown = tuple(f"{Path(prototxt).name}: {entry}" for entry in structure.unknown_fields)
     unknown += tuple(f"{weights_path.name}: {entry}" for entry in source.unknown_fields)
-    return Net(name=structure.name, path=str(weights_path), inputs=structure.inputs, layers=layers,
-               unknown_fields=unknown, ignored_layers=tuple(ignored))
+    net = Net(name=structure.name, path=str(weights_path), inputs=structure.inputs, layers=layers,
+              unknown_fields=unknown, ignored_layers=tuple(ignored), definition=str(prototxt))
+    check_net_against_weights(net, definition=prototxt, weights=weights_path)
+    return net
 
 
 def net_definition_text(net: Net) -> str:

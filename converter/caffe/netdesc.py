@@ -48,6 +48,7 @@ class Net:
     layers: tuple[Layer, ...]
     unknown_fields: tuple[str, ...] = ()
     ignored_layers: tuple[str, ...] = ()  # weights layers with blobs that the net definition lacks
+    definition: str = ""  # the file the layer definitions come from, when not `path` (a separate prototxt)
     _by_name: Mapping[str, Layer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,11 @@ class Net:
 
     def has_layer(self, name: str) -> bool:
         return name in self._by_name
+
+    @property
+    def definition_path(self) -> str:
+        """The file to name for an error in a layer's definition (its type, parameters, bottoms)."""
+        return self.definition or self.path
 
 
 def assemble_net(header: Any, layers: list[tuple[Any, tuple[np.ndarray, ...]]], path: Path, unknown: list[str]) -> Net:

@@ -7,6 +7,7 @@ factor, on the kernel/stride/pad/dilation forms, and on the Interp parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -32,18 +33,40 @@ def _message(layer: Layer | Any) -> Any:
     return layer.param if isinstance(layer, Layer) else layer
 
 
-def bn_eps(layer: Any) -> float:
+def bn_eps(layer: Any, path: str | None = None) -> float:
     """A BatchNorm layer's eps in its shortest decimal form: the field is a float32, so 1e-05 stays
-    1e-05 rather than 9.99e-06; unset, Caffe's default."""
-    return float(str(np.float32(_message(layer).batch_norm_param.eps)))
+    1e-05 rather than 9.99e-06; unset, Caffe's default. CaffeError (naming `path` and the layer)
+    unless it is finite and > 0: (x - mean) / sqrt(var + eps) needs var + eps > 0 for every var >= 0."""
+    eps = float(str(np.float32(_message(layer).batch_norm_param.eps)))
+    if not math.isfinite(eps) or eps <= 0:
+        raise CaffeError(f"BatchNorm eps is {eps:g}; it must be finite and > 0", path=path, layer=_message(layer).name)
+    return eps
 
 
-def bn_statistics(mean: np.ndarray, var: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def bn_statistics(
+    mean: np.ndarray, var: np.ndarray, factor: np.ndarray, *, path: str | None = None, layer: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """BatchNorm's usable mean and variance: Caffe stores them times the moving-average factor s
-    (its third blob) and uses 1/s, except that s == 0 means the statistics are zero."""
+    (its third blob) and uses 1/s, except that s == 0 means the statistics are zero.
+
+    The one validation of these derived values: s must be finite and >= 0, and the statistics
+    after the division finite with var >= 0 (a factor of 1e-45 overflows them to inf); a
+    CaffeError names `path` and `layer` otherwise.
+    """
     s = np.float32(np.asarray(factor).reshape(-1)[0])
-    scale = np.float32(0.0) if s == 0 else np.float32(1.0) / s
-    return (mean * scale).astype(np.float32, copy=False), (var * scale).astype(np.float32, copy=False)
+    if not np.isfinite(s) or s < 0:
+        raise CaffeError(f"BatchNorm moving-average factor is {float(s):g}; it must be finite and >= 0",
+                         path=path, layer=layer)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.float32(0.0) if s == 0 else np.float32(1.0) / s
+        mean_out = (mean * scale).astype(np.float32, copy=False)
+        var_out = (var * scale).astype(np.float32, copy=False)
+    if not (np.isfinite(mean_out).all() and np.isfinite(var_out).all()):
+        raise CaffeError(f"BatchNorm statistics divided by the moving-average factor {float(s):g} are not finite",
+                         path=path, layer=layer)
+    if (var_out < 0).any():
+        raise CaffeError("BatchNorm variance is negative", path=path, layer=layer)
+    return mean_out, var_out
 
 
 def axis_pair(param: Any, name: str, default: int) -> tuple[int, int]:

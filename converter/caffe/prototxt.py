@@ -92,7 +92,18 @@ def _decode_text_blob(blob: Any, path: Path, layer: str, index: int) -> np.ndarr
 
 
 def _parse_text(text: str, path: PathLike) -> tuple[Any, list[str]]:
-    """Strict parse; when only unknown fields stop it, a tolerant parse plus the list of what was skipped."""
+    """Strict parse; when only unknown fields stop it, a tolerant parse plus the list of what was skipped.
+
+    The one guard where prototxt text enters: protobuf's text parser recurses once per nested
+    message, so a text nesting hundreds of levels deep (no real net does) is refused as bad input.
+    """
+    try:
+        return _parse_text_unguarded(text, path)
+    except RecursionError:
+        raise CaffeError("messages nest too deeply (hundreds of levels): not a net definition", path=path) from None
+
+
+def _parse_text_unguarded(text: str, path: PathLike) -> tuple[Any, list[str]]:
     pb = caffe_pb()
     param = pb.NetParameter()
     try:

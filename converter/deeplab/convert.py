@@ -95,10 +95,11 @@ def net_bn_eps(net: Net) -> float:
     by_eps: dict[float, str] = {}
     for layer in net.layers:
         if layer.type == "BatchNorm":
-            by_eps.setdefault(bn_eps(layer), layer.name)
+            by_eps.setdefault(bn_eps(layer, net.definition_path), layer.name)
     if len(by_eps) > 1:
         shown = ", ".join(f"{eps:g} (e.g. layer '{name}')" for eps, name in by_eps.items())
-        raise CaffeError(f"BatchNorm layers use different eps: {shown}; the model has one eps", path=net.path)
+        raise CaffeError(f"BatchNorm layers use different eps: {shown}; the model has one eps",
+                         path=net.definition_path)
     return next(iter(by_eps), DEFAULT_BN_EPS)
 
 
@@ -219,11 +220,12 @@ def convert_deeplab(
     for layer_name, layer_rows in tqdm(rows_by_layer.items(), desc="layers", unit="layer", disable=not progress):
         if not net.has_layer(layer_name):
             needed = ", ".join(row.key for row in layer_rows if row.key)
-            raise CaffeError(f"missing layer: needed for {needed}", path=net.path, layer=layer_name)
+            raise CaffeError(f"missing layer: needed for {needed}", path=net.definition_path, layer=layer_name)
         layer = net.layer(layer_name)
         expected_type = LAYER_TYPE_OF_KIND[layer_rows[0].kind]
         if layer.type != expected_type:
-            raise CaffeError(f"layer type {layer.type}, expected {expected_type}", path=net.path, layer=layer_name)
+            raise CaffeError(f"layer type {layer.type}, expected {expected_type}", path=net.definition_path,
+                             layer=layer_name)
         if not layer.blobs:
             raise CaffeError(
                 "layer has no weights: the weights file has no layer of this name", path=net.path, layer=layer_name
@@ -246,7 +248,8 @@ def convert_deeplab(
             else:
                 arrays[row.key] = fitted
             if row.kind in ("conv_weight", "head_weight"):
-                _check_conv_geometry(layer, model.get_submodule(row.key.rsplit(".", 1)[0]), row.key, net.path)
+                _check_conv_geometry(layer, model.get_submodule(row.key.rsplit(".", 1)[0]), row.key,
+                                     net.definition_path)
         copies, blobs = _check_tower_copies(net, layer, head_name)
         copies_checked += copies
         blobs_checked += blobs
@@ -254,7 +257,8 @@ def convert_deeplab(
     for row in rows:
         if row.kind == "bn_mean":
             var_key = row.key.replace(".running_mean", ".running_var")
-            arrays[row.key], arrays[var_key] = bn_statistics(arrays[row.key], arrays[var_key], factors[row.layer])
+            arrays[row.key], arrays[var_key] = bn_statistics(arrays[row.key], arrays[var_key], factors[row.layer],
+                                                             path=net.path, layer=row.layer)
 
     used_layers = set(rows_by_layer)
     for name in list(used_layers):
@@ -262,6 +266,11 @@ def convert_deeplab(
     unused = [layer.name for layer in net.layers if layer.blobs and layer.name not in used_layers]
     if unused:
         raise CaffeError(f"layers with weights the DeepLab-v2 map does not use: {listed(unused, 8)}", path=net.path)
+    parametric = set(LAYER_TYPE_OF_KIND.values())
+    extra = [layer for layer in net.layers if layer.type in parametric and layer.name not in used_layers]
+    if extra:  # a layer the model has no place for would be recorded in the manifest's definition, yet not run
+        raise CaffeError(f"{extra[0].type} layer that is not part of the DeepLab-v2 net (the map and the model have "
+                         "no place for it)", path=net.definition_path, layer=extra[0].name)
     if net.ignored_layers:  # one-to-one: weights the definition cannot place are an error, not a silent drop
         raise CaffeError(
             f"the weights hold layers the net definition lacks: {listed(list(net.ignored_layers), 8)}; "
