@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     crf.add_argument("--crf-position-xy-std", type=float, default=defaults.position_xy_std)
     crf.add_argument("--crf-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="CRF processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (on a shared CPU, 1 avoids OpenMP spinning)")
     return parser
 
 
@@ -386,8 +387,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CaffeError("--save-scores saves the plain forward's map: --scales must include 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise CaffeError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.workers < 0 or args.crf_workers < 1 or args.crf_iterations < 0:
-        raise CaffeError("--workers must be >= 0, --crf-workers >= 1, --crf-iterations >= 0")
+    if args.workers < 0 or args.crf_workers < 1 or args.crf_iterations < 0 or (args.threads or 1) < 1:
+        raise CaffeError("--workers must be >= 0, --crf-workers >= 1, --crf-iterations >= 0, --threads >= 1")
     if args.predictions is not None:
         given = [flag for flag, value in (("--crf", args.crf), ("--save-predictions", args.save_predictions),
                                           ("--save-scores", args.save_scores), ("--flip", args.flip)) if value]
@@ -412,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     place = init_distributed("cuda" if gpu else "cpu")
     rank, world = place.rank, place.world_size

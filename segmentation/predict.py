@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flip", action="store_true", help="also run the mirrored image; scores averaged")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--alpha", type=float, default=0.55, help="class colour weight in the overlay")
+    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (on a shared CPU, 1 avoids OpenMP spinning)")
     return parser
 
 
@@ -98,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     check_pad(args.pad)
-    if args.max_size < 0 or not 0 <= args.alpha <= 1:
-        raise CaffeError("--max-size must be >= 0 and --alpha within [0, 1]")
+    if args.max_size < 0 or not 0 <= args.alpha <= 1 or (args.threads or 1) < 1:
+        raise CaffeError("--max-size must be >= 0, --alpha within [0, 1], --threads >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     images = find_images(args.images)
     device = resolve_device(args.device, Dist())
     model, manifest = load_model(args.checkpoint)
