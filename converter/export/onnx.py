@@ -124,9 +124,10 @@ def require_onnx() -> tuple[ModuleType, ModuleType]:
 class DeepLabMSCGraph(nn.Module):
     """The multi-scale DeepLab-v2 net as an export graph: data -> the score maps named like Caffe's blobs.
 
-    The towers, Interps and fusion are `DeepLabV2MSC`'s own modules; only its input-size policy is
-    left out (padding to an aligned size is a Python decision that a dynamic graph cannot make):
-    the graph takes aligned sizes, and the fusion's Max fails on others, as Caffe's Eltwise does.
+    The backbone, ASPP branches and Interps are `DeepLabV2MSC`'s own modules; the ASPP sum and the fusion
+    are written out with the same operations in the same order (see `tower`). Its input-size policy is
+    left out (padding to an aligned size is a Python decision that a dynamic graph cannot make): the
+    graph takes aligned sizes, and the fusion's Max fails on others, as Caffe's Eltwise does.
     """
 
     def __init__(self, model: DeepLabV2MSC, outputs: str, head_name: str = DEFAULT_HEAD_NAME) -> None:
