@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         earlier = SpeedOptions(workers=workers)
         fast = SpeedOptions(bf16=True, channels_last=True, fold_bn=True, compile=on_gpu, workers=workers)
         rows = []
-        for name, batch, speed in (("(a) earlier port: fp32, batch 1 x iter 10", 1, earlier), ("(b) fast defaults: bf16, batch 10", EFFECTIVE_BATCH, fast)):
+        for name, batch, speed in (("(a) earlier port: fp32, batch 1 x iter 10", 1, earlier), (f"(b) fast: bf16, channels_last, folded BN{', compile' if on_gpu else ''}, batch 10", EFFECTIVE_BATCH, fast)):
             m = measure("benchmarks.bench_train:prepare_training", {**common, "batch_size": batch, "speed": speed.__dict__})
             rows.append((name, m.result["images_per_s"], m.result.get("cuda_peak_bytes", m.peak_rss)))
         loader = measure("benchmarks.bench_train:prepare_loader", {"data": data, "crop": args.crop, "workers": workers, "batches": 20, "batch_size": EFFECTIVE_BATCH})
