@@ -31,7 +31,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _eval(setup: dict[str, Path], out: Path, *extra: str) -> int:
     return segmentation_main(["eval", "--data", str(setup["data"]), "--list", str(setup["list"]), "--out", str(out),
-                              "--workers", "0", "--quiet", "--pad", str(PAD), *extra])
+                              "--workers", "0", "--quiet", "--pad", str(PAD), "--threads", "1", *extra])
 
 
 def test_eval_report_matches_the_release_protocol_done_by_hand(setup: dict[str, Path], tmp_path: Path,

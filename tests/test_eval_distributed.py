@@ -24,7 +24,7 @@ def test_two_process_torchrun_equals_single_process(tmp_path: Path) -> None:
     write_demo_dataset(data, DemoSpec(train=1, val=5, min_size=40, max_size=70, seed=5))  # 5: shards of 3 and 2
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
     common = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--list", str(data / "list/val.txt"),
-              "--workers", "0", "--quiet", "--pad", str(PAD), "--device", "cpu"]
+              "--workers", "0", "--quiet", "--pad", str(PAD), "--device", "cpu", "--threads", "1"]
     single = _run([sys.executable, "-m", "segmentation", *common, "--out", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     double = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
