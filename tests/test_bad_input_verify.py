@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bad_input_case import one_error_line, run
+from converter.checkpoint import read_manifest
 from verify.activations import read_activations, write_activations
 from verify.cli import main
 from verify_case import TinyCase, tiny_case
@@ -44,6 +45,7 @@ def test_reference_missing_whole_stages_is_bad_input_unless_allow_partial(case, 
     report = json.loads((checkpoint / "parity" / "report.json").read_text())
     assert report["stages_not_compared"] == ["res3", "res4"]
     assert "stages not compared: res3, res4" in (checkpoint / "parity" / "report.md").read_text()
+    assert read_manifest(checkpoint)["parity"]["stages_not_compared"] == ["res3", "res4"]
 
 
 def _poison(name: str, value: np.ndarray, where: str) -> np.ndarray:

@@ -13,7 +13,7 @@ from fuzz.seeds import Seeds, make_seeds
 from fuzz.targets import KINDS, Case, Kind, make_case
 
 FIXED_SEED = 20261202
-FIXED_CASES_PER_KIND = 25
+FIXED_CASES_PER_KIND = 20
 LIMITS = Limits(timeout=30.0)  # generous: two cores are shared with the rest of the suite
 
 

@@ -23,6 +23,7 @@ def parity_record(result: VerificationResult, reference_sha256: str, *, date: _d
         "reference_sha256": reference_sha256,
         "scheme": scheme_to_json(result),
         "blobs_compared": sum(row.status != SKIPPED for row in result.rows),
+        "stages_not_compared": list(result.stages_not_compared),  # non-empty only with --allow-partial
         "worst_blob": None if worst is None else {"name": worst.name, "tolerance_used": worst.worst_ratio},
         "first_diverging_blob": None if first is None else {
             "name": first.name,
@@ -50,6 +51,8 @@ def describe_parity(manifest: Mapping[str, Any]) -> str:
     producer = short_producer(record.get("reference_producer") or "an unknown reference")
     when = record.get("date", "an unknown date")
     scope = record.get("scope", "full")
+    if record.get("stages_not_compared"):
+        scope += f"; stages not compared: {', '.join(record['stages_not_compared'])}"
     if record.get("verdict") == "pass":
         return f"checkpoint verified: PASS against {producer} on {when} ({scope})"
     first = (record.get("first_diverging_blob") or {}).get("name", "unknown")
