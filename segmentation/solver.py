@@ -14,15 +14,15 @@ as poly moves the rate. poly: rate(k) = base_lr * (1 - k / max_iter) ^ power, k 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from google.protobuf import text_format
 
+from converter.caffe.files import input_file
+from converter.caffe.prototxt import PLACEHOLDER, substitute_defines
 from converter.caffe.schema import caffe_pb
 from converter.errors import CaffeError, listed
 
@@ -78,55 +78,35 @@ NOT_USED = (
     "display", "average_loss", "snapshot_prefix", "snapshot_format", "snapshot_after_train", "solver_mode",
     "device_id", "debug_info", "random_seed", "layer_wise_reduce",
 )
-_DEFINE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def substitute_defines(text: str, defines: Mapping[str, str], path: str | os.PathLike[str]) -> str:
-    """Replace `${NAME}` with `defines[NAME]`; a placeholder left outside a quoted string is an error
-    (inside strings, e.g. unused paths, it stays as written)."""
-    text = _DEFINE.sub(lambda match: defines.get(match.group(1), match.group(0)), text)
-    missing = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        code = line.split("#", 1)[0]
-        for match in _DEFINE.finditer(code):
-            if code[: match.start()].count('"') % 2 == 0:
-                missing.append(f"{match.group(0)} (line {number})")
-    if missing:
-        raise CaffeError(f"undefined placeholders {listed(missing)}: pass --define NAME=VALUE", path=path)
-    return text
-
-
-def parse_defines(items: Iterable[str]) -> dict[str, str]:
-    """`NAME=VALUE` strings from --define into a dict."""
-    defines = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise CaffeError(f"--define expects NAME=VALUE, got {item!r}")
-        defines[name] = value
-    return defines
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
-    """A text file's content; a missing or unreadable file is a CaffeError naming it."""
+    """A text file's content; a missing, empty, unreadable or non-UTF-8 file is a CaffeError naming it."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CaffeError("no such file", path=path) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CaffeError(f"cannot read: {error}", path=path) from None
+        return input_file(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CaffeError(f"not a text file (not UTF-8 at byte {error.start})", path=path) from None
+
+
+def defines_in(text: str, defines: Mapping[str, str]) -> dict[str, str]:
+    """The defines whose `${NAME}` `text` uses: one --define list serves the solver and the train net."""
+    used = {match.group(1) for match in PLACEHOLDER.finditer(text)}
+    return {name: value for name, value in defines.items() if name in used}
 
 
 def read_solver(path: str | os.PathLike[str], defines: Mapping[str, str] | None = None) -> SolverConfig:
     """A SolverConfig from a Caffe solver.prototxt: HONOURED fields set values, NOT_USED fields are
     accepted, anything else (another solver type, clip_gradients, L1, step policies...) is refused."""
-    text = substitute_defines(read_text(path), defines or {}, path)
+    text = read_text(path)
+    text = substitute_defines(text, defines_in(text, defines or {}), path)
     pb = caffe_pb()
     param = pb.SolverParameter()
     try:
         text_format.Parse(text, param)
     except text_format.ParseError as error:
-        raise CaffeError(f"not a Caffe SolverParameter: {error}", path=path) from None
+        undefined = sorted({match.group(1) for match in PLACEHOLDER.finditer(text)})
+        hint = f" (placeholders {', '.join(undefined)} are undefined: give --define NAME=VALUE)" if undefined else ""
+        raise CaffeError(f"not a Caffe SolverParameter: {error}{hint}", path=path) from None
     values: dict[str, Any] = {}
     refused = []
     for descriptor, value in param.ListFields():

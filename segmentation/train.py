@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from converter.build_cli import name_value_pairs
 from converter.checkpoint import read_checkpoint
 from converter.errors import CaffeError
 from converter.loading import build_model
@@ -34,7 +35,7 @@ from segmentation.data import read_list
 from segmentation.distributed import Dist, init_distributed, resolve_device
 from segmentation.losses import LOSS_NAMES, deeplab_losses
 from segmentation.snapshots import parent_record, read_trainer_state, save_snapshot, snapshot_dir
-from segmentation.solver import CaffeSGD, SolverConfig, param_groups, parse_defines, read_solver
+from segmentation.solver import CaffeSGD, SolverConfig, defines_in, param_groups, read_solver, read_text
 from segmentation.train_config import SpeedOptions, TrainConfig, derive_iter_size, transform_params
 from segmentation.train_data import SlotSampler, TrainSlots, check_dataset, make_loader
 from segmentation.train_log import CURVE_FILE, LOG_FILE, RunLog, plot_loss_curve
@@ -344,7 +345,11 @@ def _plan_new_run(args: argparse.Namespace, place: Dist, device: torch.device):
             "convert the init with --classes to replace the head",
             path=checkpoint,
         )
-    defines = parse_defines(args.define)
+    defines = name_value_pairs(args.define, "--define")
+    files = [Path(name) for name in (args.solver, args.train_net) if name]
+    unused = [name for name in defines if not any(defines_in(read_text(file), {name: ""}) for file in files)]
+    if unused:
+        raise CaffeError(f"--define {', '.join(unused)}: no such ${{...}} placeholder in the solver or train net files")
     solver = _solver_config(args, defines)
     net = _train_net(args, model, defines)
     effective = args.effective_batch or net.batch_size * solver.iter_size or DEFAULT_EFFECTIVE_BATCH

@@ -1,8 +1,8 @@
 """What the trainer reads from a Caffe train prototxt: the data layer's transform, per-parameter lr_mult /
 decay_mult (shared by name across the towers), and the loss layers' ignore label.
 
-`${NAME}` placeholders are substituted from `--define NAME=VALUE` before parsing (the release's
-templates write `num_output: ${NUM_LABELS}` and `fc1_${EXP}_c0`). Without a train net the trainer
+`${NAME}` placeholders are filled from `--define NAME=VALUE` before parsing (the release's templates
+write `num_output: ${NUM_LABELS}` and `fc1_${EXP}_c0`), with the project's prototxt reader. Without a train net the trainer
 uses `default_train_net`, the VOC12 release's values.
 """
 
@@ -15,14 +15,14 @@ from typing import Any, Mapping
 
 import torch
 
-from converter.caffe.netdesc import assemble_net
-from converter.caffe.prototxt import parse_prototxt_text
+from converter.caffe.prototxt import read_prototxt
 from converter.deeplab.names import LAYER_TYPE_OF_KIND, detect_head_name, name_map, tower_copy_names
 from converter.deeplab.surgery import HEAD_PREFIX
 from converter.errors import CaffeError, listed
+from converter.layers.data import in_phase
 from models.deeplab import ResNetConfig
 from segmentation.losses import LOSS_NAMES
-from segmentation.solver import float32_decimal, read_text, substitute_defines
+from segmentation.solver import defines_in, float32_decimal, read_text
 from segmentation.transforms import TransformParams
 from segmentation.voc import IGNORE_LABEL
 
@@ -75,13 +75,6 @@ def default_train_net(model: torch.nn.Module, transform: TransformParams | None 
     return TrainNet(transform=transform or TransformParams(), mults=default_mults(model))
 
 
-def _train_phase(layer: Any) -> bool:
-    """Whether a layer takes part in the TRAIN phase (no include rule, or one naming TRAIN)."""
-    if not len(layer.include):
-        return not any(rule.HasField("phase") and rule.phase == 0 for rule in layer.exclude)
-    return any(not rule.HasField("phase") or rule.phase == 0 for rule in layer.include)
-
-
 def _transform(layer: Any, ignore_label: int, path: str) -> TransformParams:
     param = layer.transform_param
     if param.HasField("mean_file"):
@@ -113,7 +106,7 @@ def _transform(layer: Any, ignore_label: int, path: str) -> TransformParams:
 
 def _ignore_label(layers: list[Any], path: str) -> int:
     """The one ignore label of the SoftmaxWithLoss layers; VALID normalisation and weight 1 required."""
-    losses = [layer for layer in layers if layer.type == "SoftmaxWithLoss" and _train_phase(layer)]
+    losses = [layer for layer in layers if layer.type == "SoftmaxWithLoss"]
     if not losses:
         raise CaffeError("no SoftmaxWithLoss layer in the TRAIN phase", path=path)
     labels = set()
@@ -191,13 +184,13 @@ def read_train_net(
     config: ResNetConfig,
     defines: Mapping[str, str] | None = None,
 ) -> TrainNet:
-    """The TrainNet a Caffe train prototxt describes for `model` (a DeepLab-v2 of `config`)."""
-    text = substitute_defines(read_text(path), defines or {}, path)
-    param = parse_prototxt_text(text, path)
-    if len(param.layers):
-        raise CaffeError("V1 `layers` train nets are not supported; use the current `layer` format", path=path)
-    layers = list(param.layer)
-    data = [layer for layer in layers if layer.type in DATA_LAYER_TYPES and _train_phase(layer)]
+    """The TrainNet a Caffe train prototxt describes for `model` (a DeepLab-v2 of `config`).
+
+    `defines` fill the `${NAME}` placeholders the file uses (one --define list serves solver and net).
+    """
+    net = read_prototxt(path, defines_in(read_text(path), defines or {}))
+    layers = [layer.param for layer in net.layers if in_phase(layer, "TRAIN")]
+    data = [layer for layer in layers if layer.type in DATA_LAYER_TYPES]
     if len(data) != 1:
         raise CaffeError(f"expected one ImageSegData layer in the TRAIN phase, found {len(data)}", path=path)
     ignore_label = _ignore_label(layers, str(path))
@@ -210,7 +203,6 @@ def read_train_net(
             path=path,
             layer=data[0].name,
         )
-    net = assemble_net(param, [(layer, ()) for layer in layers if _train_phase(layer)], Path(path), [])
     return TrainNet(
         transform=_transform(data[0], ignore_label, str(path)),
         mults=_param_mults(net, config, model, str(path)),

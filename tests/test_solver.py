@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from converter.errors import CaffeError
-from segmentation.solver import CaffeSGD, SolverConfig, poly_rate, read_solver, substitute_defines
+from segmentation.solver import CaffeSGD, SolverConfig, poly_rate, read_solver
 
 MOMENTUM, DECAY = 0.9, 5e-4
 
@@ -145,8 +145,9 @@ def test_solver_defaults_are_the_release_values_and_fields_override_them(tmp_pat
     assert read_solver(path) == SolverConfig(max_iter=300)
 
 
-def test_placeholders_are_substituted_and_undefined_unquoted_ones_are_errors() -> None:
-    text = 'name: "${NET_ID}"\nnum_output: ${NUM_LABELS}\n'
-    assert substitute_defines(text, {"NUM_LABELS": "21"}, "x") == 'name: "${NET_ID}"\nnum_output: 21\n'
-    with pytest.raises(CaffeError, match=r"\$\{NUM_LABELS\} \(line 2\)"):
-        substitute_defines(text, {}, "x")
+def test_solver_placeholders_are_filled_and_undefined_numeric_ones_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "solver.prototxt"
+    path.write_text('train_net: "${EXP}/train.prototxt"\nmax_iter: ${MAX}\n')
+    assert read_solver(path, {"MAX": "300", "NUM_LABELS": "21"}).max_iter == 300  # defines the file lacks are for the net
+    with pytest.raises(CaffeError, match="placeholders EXP, MAX are undefined"):
+        read_solver(path)

@@ -140,6 +140,10 @@ def _bad_dataset(kind: str, root: Path, workspace: Path) -> list[str]:
         return ["--data", str(data), "--list", str(list_path), "--num-classes", "5"]
     elif kind == "crop":
         return ["--data", str(data), "--list", str(list_path), "--crop-size", "64"]
+    elif kind == "unused define":
+        solver = root / "solver.prototxt"
+        solver.write_text("base_lr: 0.001\n")
+        return ["--data", str(data), "--list", str(list_path), "--solver", str(solver), "--define", "NUM_LABLES=21"]
     elif kind == "solver field":
         solver = root / "solver.prototxt"
         solver.write_text('base_lr: 0.001\nlr_policy: "step"\nstepsize: 100\n')
@@ -157,6 +161,7 @@ def _bad_dataset(kind: str, root: Path, workspace: Path) -> list[str]:
         ("class count", "21 classes but the dataset has 5"),
         ("crop", "32k\\+1"),
         ("solver field", "lr_policy"),
+        ("unused define", "NUM_LABLES: no such"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_before_training(workspace: Path, tmp_path: Path, capsys, kind: str, message: str) -> None:
