@@ -39,8 +39,6 @@ from segmentation.report import write_report
 from segmentation.voc import NUM_CLASSES, class_names, save_label_png
 from verify.inputs import caffe_preprocess
 
-log = logging.getLogger(__name__)
-
 RELEASE_PAD = 513  # DeepLab's test nets pad every VOC image to 513x513 (VOC images are at most 500x500)
 STRIDE = 8  # the score maps' stride; zooming x8 with aligned corners puts map pixel k at image pixel 8k
 

@@ -10,7 +10,6 @@ accuracy (recall) is undefined without ground truth pixels: None, left out of th
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +17,6 @@ import torch
 import torch.distributed as dist
 
 from segmentation.voc import IGNORE_LABEL
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,10 @@ class ConfusionMatrix:
     def all_reduce(self) -> None:
         """Sum the matrices of every process under torch.distributed (no-op when not initialised)."""
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            summed = self.matrix.to(device)  # NCCL reduces CUDA tensors only, gloo CPU ones
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+            self.matrix = summed.to(self.matrix.device)
 
     def compute(self) -> Scores:
         """IoU_c = TP / (TP + FP + FN), accuracy_c = TP / (TP + FN), their means, pixel accuracy and
