@@ -233,3 +233,15 @@ def test_two_torchrun_processes_match_one_process_of_the_same_effective_batch(wo
         scale = expected[key].abs().max().item() + 1e-12
         assert (expected[key] - got[key]).abs().max().item() <= 1e-5 * scale, key
     assert read_checkpoint(pair / "iter_3")[1]["training"]["config"]["world_size"] == 2
+
+
+def test_a_batch_of_two_matches_two_single_image_passes(workspace: Path, tmp_path: Path) -> None:
+    """Same slots, same augmentation: only float32 summation order differs (tolerance 1e-5 of the weight scale)."""
+    common = ["--effective-batch", "2", "--stop-after", "2", "--max-iter", "10", "--base-lr", "0.001"]
+    assert main(_args(workspace, tmp_path / "batch", *common, "--batch-size", "2")) == 0
+    assert main(_args(workspace, tmp_path / "passes", *common, "--batch-size", "1")) == 0
+    batch, passes = _weights(tmp_path / "batch" / "iter_2"), _weights(tmp_path / "passes" / "iter_2")
+    for key in batch:
+        scale = passes[key].abs().max().item() + 1e-12
+        assert (batch[key] - passes[key]).abs().max().item() <= 1e-5 * scale, key
+    assert [r["lr"] for r in _rows(tmp_path / "batch")] == [r["lr"] for r in _rows(tmp_path / "passes")]
