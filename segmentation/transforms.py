@@ -126,17 +126,22 @@ def apply(image: np.ndarray, label: np.ndarray, choice: Draw, params: TransformP
             raise CaffeError(f"image {image.shape[1]}x{image.shape[0]} scaled by {choice.scale} is empty")
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
         label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+    # Padding bottom/right, then the crop window: only the window is built. Its part inside the
+    # image is copied; the rest is padding (the mean, 0 after subtraction; the label's ignore value).
     height, width = image.shape[:2]
     padded_h, padded_w = padded_size(height, width, params)
+    if not (0 <= choice.h_off <= padded_h - params.crop_height and 0 <= choice.w_off <= padded_w - params.crop_width):
+        raise CaffeError(f"crop offset ({choice.h_off}, {choice.w_off}) outside the padded {padded_w}x{padded_h} image")
     mean = np.asarray(params.mean_bgr, dtype=np.float32)
-    data = np.empty((padded_h, padded_w, 3), dtype=np.float32)
-    data[...] = mean  # padding: the mean, which becomes 0 below
-    data[:height, :width] = image
-    padded_label = np.full((padded_h, padded_w), params.ignore_label, dtype=np.uint8)
-    padded_label[:height, :width] = label
-    rows = slice(choice.h_off, choice.h_off + params.crop_height)
-    cols = slice(choice.w_off, choice.w_off + params.crop_width)
-    data, out_label = data[rows, cols], padded_label[rows, cols]
+    data = np.empty((params.crop_height, params.crop_width, 3), dtype=np.float32)
+    data[...] = mean
+    out_label = np.full((params.crop_height, params.crop_width), params.ignore_label, dtype=np.uint8)
+    inside_h = max(0, min(height - choice.h_off, params.crop_height))
+    inside_w = max(0, min(width - choice.w_off, params.crop_width))
+    rows = slice(choice.h_off, choice.h_off + inside_h)
+    cols = slice(choice.w_off, choice.w_off + inside_w)
+    data[:inside_h, :inside_w] = image[rows, cols]
+    out_label[:inside_h, :inside_w] = label[rows, cols]
     if choice.mirror:
         data, out_label = data[:, ::-1], out_label[:, ::-1]
     data = (data - mean) * np.float32(params.value_scale)

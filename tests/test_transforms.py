@@ -109,3 +109,27 @@ def test_value_scale_multiplies_after_the_mean() -> None:
     image, label = _pair(33, 33)
     data, _ = transform(image, label, _params(mirror=False, scale_factors=(), value_scale=0.5), np.random.default_rng(0))
     np.testing.assert_array_equal(data, ((image.astype(np.float32) - np.float32(MEAN)) * 0.5).transpose(2, 0, 1))
+
+
+def test_whole_transform_equals_caffes_steps_done_with_opencv() -> None:
+    """resize, copyMakeBorder (mean / ignore) bottom-right, crop, mirror, mean: as TransformImgAndSeg does them."""
+    image, label = _pair(50, 27, seed=4)
+    params = _params(scale_factors=(0.5, 0.75, 1.0, 1.25, 1.5))
+    for seed in range(30):
+        data, out_label = transform(image, label, params, np.random.default_rng(seed))
+        choice = draw(np.random.default_rng(seed), 50, 27, params)
+        img, seg = image, label
+        if choice.scale != 1:
+            height, width = scaled_size(50, 27, choice.scale)
+            img = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+            seg = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+        pad_h, pad_w = max(33 - img.shape[0], 0), max(33 - img.shape[1], 0)
+        img = cv2.copyMakeBorder(img.astype(np.float64), 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=MEAN)
+        seg = cv2.copyMakeBorder(seg, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=255)
+        img = img[choice.h_off : choice.h_off + 33, choice.w_off : choice.w_off + 33]
+        seg = seg[choice.h_off : choice.h_off + 33, choice.w_off : choice.w_off + 33]
+        if choice.mirror:
+            img, seg = img[:, ::-1], seg[:, ::-1]
+        expected = (img.astype(np.float32) - np.float32(MEAN)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(data, expected)
+        np.testing.assert_array_equal(out_label, seg)
