@@ -150,6 +150,13 @@ def test_export_caffe_unwritable_output_is_exit_2(tiny: dict[str, Path]) -> None
     assert list(folder.iterdir()) == []
 
 
+def test_export_caffe_into_a_missing_folder_is_exit_2(tiny: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = _run(["export-caffe", "--checkpoint", str(tiny["checkpoint"]), "--prototxt", str(tiny["prototxt"]),
+                         "--out", str(tmp_path / "missing" / "net.caffemodel")])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "cannot write" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_caffe_different_bn_eps_is_refused(tiny: dict[str, Path]) -> None:
     text = tiny["prototxt"].read_text()
     prototxt = tiny["root"] / "eps.prototxt"

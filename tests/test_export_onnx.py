@@ -212,6 +212,9 @@ def test_export_onnx_bad_input_is_one_line_exit_2_nothing_written(micro: dict[st
         assert list(tmp_path.iterdir()) == []
     code, _, err = _run(["export-onnx", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")])
     assert code == 2 and err.count("\n") == 1
+    code, _, err = _run(["export-onnx", "--checkpoint", str(micro["checkpoint"]), "--out",
+                         str(tmp_path / "no_such_folder" / "m.onnx")])
+    assert code == 2 and "missing or not writable" in err and not (tmp_path / "no_such_folder").exists()
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o500)
