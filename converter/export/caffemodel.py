@@ -24,6 +24,7 @@ import torch
 from converter.atomic import write_atomic
 from converter.caffe.load import load_net, net_definition_text
 from converter.caffe.netdesc import Net
+from converter.caffe.params import DEFAULT_BN_EPS
 from converter.caffe.prototxt import parse_prototxt_text, prototxt_net, read_prototxt, substitute_defines
 from converter.caffe.schema import caffe_pb
 from converter.caffe.wire import write_caffemodel
@@ -73,7 +74,7 @@ def deeplab_caffe_blobs(state_dict: Mapping[str, torch.Tensor], net: Net, manife
     """
     head_name = detect_head_name([layer.name for layer in net.layers], path=net.path)
     config, num_classes = config_from_state_dict(state_dict)
-    bn_eps = float((manifest.get("model") or {}).get("bn_eps", 1e-5))
+    bn_eps = float((manifest.get("model") or {}).get("bn_eps", DEFAULT_BN_EPS))
     net_eps = net_bn_eps(net)
     if not np.isclose(net_eps, bn_eps, rtol=1e-6, atol=0.0):
         raise CaffeError(f"BatchNorm eps {net_eps:g} in the prototxt, the checkpoint was made with {bn_eps:g}",
