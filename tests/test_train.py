@@ -140,6 +140,8 @@ def _bad_dataset(kind: str, root: Path, workspace: Path) -> list[str]:
         return ["--data", str(data), "--list", str(list_path), "--num-classes", "5"]
     elif kind == "crop":
         return ["--data", str(data), "--list", str(list_path), "--crop-size", "64"]
+    elif kind == "batch split":
+        return ["--data", str(data), "--list", str(list_path), "--effective-batch", "10", "--batch-size", "3"]
     elif kind == "unused define":
         solver = root / "solver.prototxt"
         solver.write_text("base_lr: 0.001\n")
@@ -162,6 +164,7 @@ def _bad_dataset(kind: str, root: Path, workspace: Path) -> list[str]:
         ("crop", "32k\\+1"),
         ("solver field", "lr_policy"),
         ("unused define", "NUM_LABLES: no such"),
+        ("batch split", "10 is not a multiple of batch size 3 x world size 1 .*1, 2, 5, 10"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_before_training(workspace: Path, tmp_path: Path, capsys, kind: str, message: str) -> None:
