@@ -18,7 +18,7 @@ import argparse
 import copy
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +69,12 @@ def forced_steps(net: CaffeNet, available: set[str]) -> list[ForcedStep]:
     return steps
 
 
-def _chain_runner(net: CaffeNet, blob: str, chain: list[_Writer], inputs: list[str]):  # type: ignore[no-untyped-def]
+def _chain_runner(net: CaffeNet, blob: str, chain: list[_Writer], inputs: list[str]) -> Callable[..., torch.Tensor]:
+    """The chain's layers run one after another, the blob passed along, other bottoms from `inputs`."""
+
     def run(*values: torch.Tensor) -> torch.Tensor:
         given = dict(zip(inputs, values))
-        value = None
+        value = torch.empty(0)
         for index, writer in enumerate(chain):
             bottoms = [value if (index and b == blob) else given[b] for b in writer.info.bottoms]
             tops = net.run_key(writer.info.key, *bottoms)
