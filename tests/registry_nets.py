@@ -268,7 +268,18 @@ def normalize_crop_exp_net(rng: np.random.Generator) -> RandomNet:
     return RandomNet(layers, {"data": (2, c, h, w), "like": (2, c, ch, cw)}, blobs)
 
 
+def interp_net(rng: np.random.Generator) -> RandomNet:
+    """The DeepLab fork's Interp by zoom_factor or by explicit height/width (OpenCV has no shrink_factor)."""
+    if rng.integers(0, 2):
+        params = f"zoom_factor: {int(rng.integers(2, 9))}"
+    else:
+        params = f"height: {int(rng.integers(2, 20))} width: {int(rng.integers(2, 20))}"
+    layers = f'layer {{ name: "interp" type: "Interp" bottom: "data" top: "interp" interp_param {{ {params} }} }}\n'
+    return RandomNet(layers, {"data": (2, 3, int(rng.integers(2, 9)), int(rng.integers(2, 9)))})
+
+
 OPENCV_CASES: dict[str, Callable[[np.random.Generator], RandomNet]] = {
+    "interp": interp_net,
     "normalize_crop_exp": normalize_crop_exp_net,
     "convolution": conv_net,
     "deconvolution": deconv_net,

@@ -134,17 +134,26 @@ def test_mvn_adds_eps_after_the_square_root(tmp_path, across_channels: bool) -> 
     np.testing.assert_allclose(out["out"], expected, atol=1e-5)
 
 
-def test_tile_repeats_the_whole_block_from_axis(tmp_path) -> None:
-    layers = 'layer { name: "t" type: "Tile" bottom: "data" top: "out" tile_param { axis: 1 tiles: 3 } }\n'
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tile_repeats_the_whole_block_from_axis(tmp_path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    axis, tiles = int(rng.integers(0, 4)), int(rng.integers(1, 4))
+    layers = f'layer {{ name: "t" type: "Tile" bottom: "data" top: "out" tile_param {{ axis: {axis} tiles: {tiles} }} }}\n'
     out = _run(tmp_path, layers, {"data": (2, 3, 2, 2)})
-    np.testing.assert_array_equal(out["out"], np.tile(out["feeds"]["data"], (1, 3, 1, 1)))
+    reps = [1, 1, 1, 1]
+    reps[axis] = tiles
+    np.testing.assert_array_equal(out["out"], np.tile(out["feeds"]["data"], reps))
 
 
-def test_log_uses_base_scale_and_shift(tmp_path) -> None:
-    x = np.abs(np.random.default_rng(0).standard_normal((2, 3, 4, 5))).astype(np.float32)
-    layers = 'layer { name: "l" type: "Log" bottom: "data" top: "out" log_param { base: 2 scale: 0.5 shift: 3 } }\n'
+@pytest.mark.parametrize("seed", SEEDS)
+def test_log_uses_base_scale_and_shift(tmp_path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    base, scale, shift = float(rng.choice([2.0, 10.0, 3.5])), float(rng.uniform(0.1, 2)), float(rng.uniform(0.5, 3))
+    x = np.abs(rng.standard_normal((2, 3, 4, 5))).astype(np.float32)
+    layers = f'layer {{ name: "l" type: "Log" bottom: "data" top: "out" log_param {{ base: {base} scale: {scale} shift: {shift} }} }}\n'
     out = _run(tmp_path, layers, {"data": x.shape}, feeds={"data": x})
-    np.testing.assert_allclose(out["out"], np.log2(3 + 0.5 * x.astype(np.float64)), rtol=1e-6)
+    expected = np.log(np.float32(shift) + np.float32(scale) * x.astype(np.float64)) / np.log(np.float32(base))
+    np.testing.assert_allclose(out["out"], expected, rtol=2e-6, atol=1e-6)
 
 
 def test_lrn_across_channels_uses_k(tmp_path) -> None:
