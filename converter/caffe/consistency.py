@@ -5,7 +5,8 @@ differ from the ones the net definition implies ("Cannot copy param 0 weights fr
 'conv1'; shape mismatch. Source param shape is ...; target param shape is ..."), and `Net::Init`
 refuses a bottom that no earlier layer produces. This module applies the same rules to a Net
 read by `load_net`, naming the definition file, the layer and both shapes:
-- layer names are unique within a phase (weights are matched to layers by name);
+- layer names may repeat, as in Caffe (each layer of a name takes that name's blobs, whose shapes
+  are then checked against each layer);
 - every bottom is a declared input or a top of an earlier layer;
 - Convolution/Deconvolution, InnerProduct, BatchNorm and Scale blobs have the shapes the layer's
   parameters give (num_output, kernel size, group, bias_term; the input channels are not known
@@ -24,19 +25,12 @@ from converter.caffe.params import axis_pair
 from converter.errors import CaffeError
 
 PathLike = str | Path
-_ALL_PHASES = (0, 1)  # caffe.proto's Phase: TRAIN, TEST
 
 
 def check_net_against_weights(net: Net, *, definition: PathLike, weights: PathLike) -> None:
     """CaffeError when the definition in `definition` contradicts itself or the blobs read from `weights`."""
-    phases_by_name: dict[str, set[int]] = {}
     produced = set(net.inputs)
     for layer in net.layers:
-        phases = _phases(layer)
-        if phases & phases_by_name.get(layer.name, set()):
-            raise CaffeError("duplicate layer name in the same phase (weights are matched to layers by name)",
-                             path=definition, layer=layer.name)
-        phases_by_name.setdefault(layer.name, set()).update(phases)
         missing = [bottom for bottom in layer.bottoms if bottom not in produced]
         if missing:
             raise CaffeError(f"bottom '{missing[0]}' is not produced by any earlier layer or declared input",
@@ -44,17 +38,6 @@ def check_net_against_weights(net: Net, *, definition: PathLike, weights: PathLi
         produced.update(layer.tops)
         if layer.blobs:
             _check_blob_shapes(layer, definition, weights)
-
-
-def _phases(layer: Layer) -> set[int]:
-    """The phases (TRAIN 0, TEST 1) a layer is part of, by its include/exclude rules on the phase.
-
-    A train/test prototxt names its two data layers alike, one per phase: that is no duplicate.
-    """
-    rules = layer.param
-    if any(rule.HasField("phase") for rule in rules.include):
-        return {rule.phase for rule in rules.include if rule.HasField("phase")}
-    return set(_ALL_PHASES) - {rule.phase for rule in rules.exclude if rule.HasField("phase")}
 
 
 def _check_blob_shapes(layer: Layer, definition: PathLike, weights: PathLike) -> None:
@@ -92,7 +75,9 @@ def _expected_shapes(layer: Layer) -> list[tuple[int | None, ...]] | None:
     if layer.type == "BatchNorm":
         channels = int(np.prod(layer.blobs[0].shape)) if layer.blobs else None
         return [(channels,), (channels,), (1,)]
-    if layer.type == "Scale" and len(layer.blobs) in (1, 2):
+    # A Scale's blobs span bottom axes [axis, axis + num_axes), or take the second bottom's shape:
+    # only the one-axis, one-bottom form is known to be 1-D without shape inference.
+    if layer.type == "Scale" and len(layer.bottoms) == 1 and param.scale_param.num_axes == 1 and len(layer.blobs) in (1, 2):
         channels = int(np.prod(layer.blobs[0].shape))
         return [(channels,)] * len(layer.blobs)
     return None
