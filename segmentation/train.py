@@ -139,6 +139,8 @@ def train(
     """Run updates start_update .. min(max_iter, stop_after) - 1, snapshotting every `solver.snapshot` and at the end."""
     solver = config.solver
     stop = solver.max_iter if stop_after is None else min(solver.max_iter, stop_after)
+    if stop <= start_update:
+        raise CaffeError(f"nothing to train: the run is at update {start_update} and stops at {stop} (max_iter {solver.max_iter})")
     dataset = dataset or get_dataset(config, progress=progress and place.main)
     model.to(device)
     if config.speed.fold_bn:
@@ -208,8 +210,7 @@ def train(
             done = update + 1
             if done < stop and solver.snapshot and done % solver.snapshot == 0:
                 snapshot = _snapshot(out, done, model, optimizer, config, parent, parent_manifest, place)
-        if stop > start_update or snapshot is None:
-            snapshot = _snapshot(out, stop, model, optimizer, config, parent, parent_manifest, place)
+        snapshot = _snapshot(out, stop, model, optimizer, config, parent, parent_manifest, place)
     finally:
         bar.close()
         run_log.close()

@@ -214,6 +214,7 @@ def test_resume_after_sigkill_reaches_bitwise_identical_weights(workspace: Path,
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[key], got[key]) for key in expected)
     assert [r["total_loss"] for r in _rows(killed)] == [r["total_loss"] for r in _rows(whole)]
+    assert main(["--resume", str(killed / "iter_12"), "--stop-after", "8", "--workers", "0"]) == 2  # nothing to train
 
 
 def test_two_torchrun_processes_match_one_process_of_the_same_effective_batch(workspace: Path, tmp_path: Path) -> None:
