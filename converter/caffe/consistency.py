@@ -25,6 +25,7 @@ from converter.caffe.params import axis_pair
 from converter.errors import CaffeError
 
 PathLike = str | Path
+_ALL_PHASES = (0, 1)  # caffe.proto's Phase: TRAIN, TEST
 
 
 def check_net_against_weights(net: Net, *, definition: PathLike, weights: PathLike) -> None:
@@ -38,6 +39,29 @@ def check_net_against_weights(net: Net, *, definition: PathLike, weights: PathLi
         produced.update(layer.tops)
         if layer.blobs:
             _check_blob_shapes(layer, definition, weights)
+
+
+def check_unique_names(net: Net, definition: PathLike) -> None:
+    """CaffeError for two layers of one name in the same phase. Caffe allows it (and the layer registry
+    builds such nets), but a converter that matches a name map to layers by name cannot tell them apart.
+
+    A train/test prototxt names its two data layers alike, one per phase: that is no duplicate.
+    """
+    phases_by_name: dict[str, set[int]] = {}
+    for layer in net.layers:
+        phases = _phases(layer)
+        if phases & phases_by_name.get(layer.name, set()):
+            raise CaffeError("duplicate layer name in the same phase: the DeepLab map matches layers by name",
+                             path=definition, layer=layer.name)
+        phases_by_name.setdefault(layer.name, set()).update(phases)
+
+
+def _phases(layer: Layer) -> set[int]:
+    """The phases (TRAIN 0, TEST 1) a layer is part of, by its include/exclude rules on the phase."""
+    rules = layer.param
+    if any(rule.HasField("phase") for rule in rules.include):
+        return {rule.phase for rule in rules.include if rule.HasField("phase")}
+    return set(_ALL_PHASES) - {rule.phase for rule in rules.exclude if rule.HasField("phase")}
 
 
 def _check_blob_shapes(layer: Layer, definition: PathLike, weights: PathLike) -> None:

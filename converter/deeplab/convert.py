@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from converter.caffe.consistency import check_unique_names
 from converter.caffe.files import release_pages
 from converter.caffe.netdesc import Layer, Net
 from converter.caffe.params import DEFAULT_BN_EPS, axis_pair, bn_eps, bn_statistics
@@ -195,6 +196,7 @@ def convert_deeplab(
     given, must match the head. The BN eps comes from the net definition in use (the
     prototxt when one was read, else the caffemodel's own layers).
     """
+    check_unique_names(net, net.definition_path)
     head_name = head_name or detect_head_name((layer.name for layer in net.layers), default=None, path=net.path)
     config = config or infer_config(net)
     rows = name_map(config, head_name)
