@@ -7,6 +7,8 @@ the files the checkpoint was converted from) into the report folder. A checkpoin
 `python -m converter build` (arch caffe_net) is verified through the layer registry; without
 --checkpoint, --prototxt + --caffemodel + --reference build any supported net in memory and
 verify it (report in --report-dir, default build/parity/<net name>/; nothing recorded).
+--onnx FILE --reference REF.h5 verifies an exported ONNX graph end to end on the blobs it outputs
+(verify/onnx.py; report beside the file, verdict in its sidecar JSON).
 Exit codes: 0 parity holds, 1 parity fails, 2 bad input (one line `error: ...` on stderr).
 """
 
