@@ -99,12 +99,23 @@ def probe_hdf5(path: str | Path, what: str = "HDF5 file", timeout: float = PROBE
 
 
 def _walk(path: str | Path) -> None:
-    """Touch every attribute value and object header in the file (the metadata readers will read)."""
+    """Touch every attribute value and object header in the file (the metadata readers will read).
+
+    An error on one object does not stop the walk: the readers may still reach the others.
+    """
     with h5py.File(path, "r") as h5:
-        objects = [h5]
-        h5.visititems(lambda name, item: objects.append(item))
-        for item in objects:
-            for key in item.attrs:
-                item.attrs[key]
-            if isinstance(item, h5py.Dataset):
-                item.shape, item.dtype, item.id.get_storage_size()
+        names: list[str] = []
+        _touch(h5)
+        with contextlib.suppress(*H5PY_ERRORS):
+            h5.visit(names.append)
+        for name in names:
+            with contextlib.suppress(*H5PY_ERRORS):
+                _touch(h5[name])
+
+
+def _touch(item: h5py.HLObject) -> None:
+    for key in list(item.attrs):
+        with contextlib.suppress(*H5PY_ERRORS):
+            item.attrs[key]
+    if isinstance(item, h5py.Dataset):
+        item.shape, item.dtype, item.id.get_storage_size()
