@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from converter.caffe.files import release_pages
 from converter.caffe.netdesc import Layer, Net
 from converter.errors import CaffeError
 from converter.layers.data import INPUT_TYPES, SILENCE, in_phase, is_dropped_type, stated_shapes
@@ -519,6 +520,7 @@ class _Builder:
             if here.shape != there.shape or memoryview(here).cast("B") != memoryview(there).cast("B"):
                 diff = float(np.max(np.abs(here - there))) if here.shape == there.shape else float("nan")
                 raise self.error(f"{where}: the weights' copies differ (max abs difference {diff:g})", layer.name)
+            release_pages(layer.blobs[index])  # a checked copy is not read again: its file pages can go
 
     # ------------------------------------------------------------------ plan
 
