@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from benchmarks.opencv_net import load_opencv_net
 from converter.caffe.load import load_net
-from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
 from converter.deeplab.convert import convert_deeplab
 from converter.loading import load_model, load_weights_strictly
 from converter.synthetic.weights import CONFIGS, FILE_NAMES, write_synthetic_deeplab
@@ -114,23 +113,7 @@ def _fold_within_budget(model: DeepLabV2MSC, folded: torch.nn.Module, blob: torc
 
 def _opencv_rate(prototxt: Path, caffemodel: Path, images: list[np.ndarray], repeat: int) -> tuple[float, np.ndarray]:
     """OpenCV dnn, fusion on, CPU: images/s of the test net's forward plus argmax, and its labels."""
-    import cv2
-    from google.protobuf import text_format
-
-    from verify.opencv_reference import BlobGraph, _rewrite_shrink_interps  # OpenCV cannot read shrink_factor
-
-    net_def = read_prototxt(prototxt)
-    feeds = {next(iter(net_def.inputs)): caffe_preprocess(images[0])}
-    text = prototxt.read_text(encoding="utf-8")
-    with tempfile.TemporaryDirectory(prefix="bench_eval.") as tmp:
-        net_param = parse_prototxt_text(text, path=prototxt)
-        _rewrite_shrink_interps(cv2, net_param, BlobGraph.of(net_def), feeds, caffemodel, Path(tmp), prototxt)
-        run_path = Path(tmp) / "run.prototxt"
-        run_path.write_text(text_format.MessageToString(net_param), encoding="utf-8")
-        net = cv2.dnn.readNetFromCaffe(str(run_path), str(caffemodel))
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-    net.enableFusion(True)
+    net = load_opencv_net(prototxt, caffemodel, caffe_preprocess(images[0]))
     height, width = images[0].shape[:2]
 
     def forward(image: np.ndarray) -> np.ndarray:
