@@ -3,6 +3,8 @@
 # (the GPU machine has no network and cannot build one).
 
 BOOTSTRAP_PYTHON ?= python3
+# pyproject extras the venv gets; CI adds crf,onnx,tensorboard so the tests of those extras run too.
+EXTRAS ?= test
 VENV ?= .venv
 ifeq ($(origin PYTHON),undefined)
   PY := $(VENV)/bin/python
@@ -58,7 +60,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 convert: $(SETUP)
