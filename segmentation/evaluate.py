@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fold BatchNorm+Scale into the convolutions (default on: float rounding-level changes, "
                         "within the parity budget; make bench-eval checks it)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels_last memory format (default on: about 3x faster on this CPU, same math)")
+                        help="channels_last memory format (default on: 2-3x faster on a CPU, same math)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default on GPU)")
     parser.add_argument("--save-predictions", type=Path, help="write palette PNGs <id>.png in VOC colours here")
     parser.add_argument("--save-scores", type=Path,
