@@ -197,3 +197,14 @@ def test_train_phase_build_uses_batch_statistics_and_dropout() -> None:
         train.train()
         dropped = train(x)["drop"]
     assert (dropped == 0).any() and torch.allclose(dropped[dropped != 0], 2 * normalised[dropped != 0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("eps", "factor", "expected"),
+    [("eps: -1", 1.0, "eps is -1"), ("", 1e-45, "moving-average factor"), ("", -2.0, "factor is -2")],
+)
+def test_batch_norm_bad_eps_or_factor_names_the_file_and_layer(eps: str, factor: float, expected: str) -> None:
+    text = f'layer {{ name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param {{ {eps} }} }}\n'
+    blobs = {"bn": [np.ones(4, np.float32), np.ones(4, np.float32), np.array([factor], np.float32)]}
+    message = _error(text, blobs)
+    assert message.startswith("net.prototxt: layer 'bn': ") and expected in message

@@ -28,14 +28,15 @@ def batch_norm(spec: LayerSpec) -> nn.Module:
     channels = _channels(spec)
     p = spec.param.batch_norm_param
     use_global = p.use_global_stats if p.HasField("use_global_stats") else spec.phase == "TEST"
-    eps = bn_eps(spec.layer)
-    spec.check(eps > 0, f"eps must be positive, got {eps}")
+    eps = bn_eps(spec.layer, spec.path)
     module = CaffeBatchNorm(channels, eps, use_global_stats=use_global)
     spec.blob_count(3)
     if spec.layer.blobs:
         mean, var = spec.blob(0, (channels,)), spec.blob(1, (channels,))
         factor = spec.blob(2, (1,))
-        mean, var = bn_statistics(mean.numpy(), var.numpy(), float(factor[0]))
+        mean, var = bn_statistics(
+            mean.numpy(), var.numpy(), float(factor[0]), path=spec.path, layer=spec.layer.name
+        )
         with torch.no_grad():
             module.running_mean.copy_(torch.as_tensor(mean))
             module.running_var.copy_(torch.as_tensor(var))
