@@ -107,7 +107,7 @@ else
 	$(PY) -m verify $(if $(VERIFY_NO_CHECKPOINT),,--checkpoint "$(CHECKPOINT)") $(if $(PROTOTXT),--prototxt "$(PROTOTXT)") \
 		$(if $(filter command line environment,$(origin CAFFEMODEL)),--caffemodel "$(CAFFEMODEL)") \
 		$(if $(REFERENCE),--reference "$(REFERENCE)") $(if $(IMAGE),--image "$(IMAGE)") \
-		$(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") --device $(DEVICE)
+		$(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") $(if $(ALLOW_PARTIAL),--allow-partial) --device $(DEVICE)
 endif
 
 bench-convert: $(SETUP)
