@@ -14,7 +14,6 @@ import contextlib
 import io
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from converter.caffe.prototxt import parse_prototxt_text, read_prototxt
+from benchmarks.opencv_net import load_opencv_net
 from converter.cli import main as converter_main
 from converter.export.onnx import export_onnx, require_onnx
 from converter.loading import load_model
@@ -83,22 +82,7 @@ def _onnxruntime(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def _opencv(prototxt: Path, caffemodel: Path, blob: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """OpenCV dnn on the Caffe files (shrink_factor Interps given explicit sizes, which OpenCV needs), CPU."""
-    import cv2
-    from google.protobuf import text_format
-
-    from verify.opencv_reference import BlobGraph, _rewrite_shrink_interps
-
-    net_def = read_prototxt(prototxt)
-    text = prototxt.read_text(encoding="utf-8")
-    with tempfile.TemporaryDirectory(prefix="bench_onnx.") as tmp:
-        net_param = parse_prototxt_text(text, path=prototxt)
-        feeds = {next(iter(net_def.inputs)): blob}
-        _rewrite_shrink_interps(cv2, net_param, BlobGraph.of(net_def), feeds, caffemodel, Path(tmp), prototxt)
-        run_path = Path(tmp) / "run.prototxt"
-        run_path.write_text(text_format.MessageToString(net_param), encoding="utf-8")
-        net = cv2.dnn.readNetFromCaffe(str(run_path), str(caffemodel))
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    net = load_opencv_net(prototxt, caffemodel, blob)
 
     def forward(image: np.ndarray) -> np.ndarray:
         net.setInput(image)

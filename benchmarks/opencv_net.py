@@ -17,13 +17,13 @@ def load_opencv_net(prototxt: Path, caffemodel: Path, feed: np.ndarray, *, fusio
     import cv2
     from google.protobuf import text_format
 
-    from verify.opencv_reference import BlobGraph, _rewrite_shrink_interps
+    from verify.opencv_reference import BlobGraph, rewrite_shrink_interps
 
     net_def = read_prototxt(prototxt)
     feeds = {next(iter(net_def.inputs)): feed}
     with tempfile.TemporaryDirectory(prefix="opencv_net.") as tmp:
         net_param = parse_prototxt_text(prototxt.read_text(encoding="utf-8"), path=prototxt)
-        _rewrite_shrink_interps(cv2, net_param, BlobGraph.of(net_def), feeds, caffemodel, Path(tmp), prototxt)
+        rewrite_shrink_interps(cv2, net_param, BlobGraph.of(net_def), feeds, caffemodel, Path(tmp), prototxt)
         run_path = Path(tmp) / "run.prototxt"
         run_path.write_text(text_format.MessageToString(net_param), encoding="utf-8")
         net = cv2.dnn.readNetFromCaffe(str(run_path), str(caffemodel))

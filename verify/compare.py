@@ -50,7 +50,7 @@ from models.deeplab import DeepLabV2, DeepLabV2MSC, ResNetConfig
 from verify.activations import ActivationsFile
 from verify.budget import ErrorStats, NoiseBudget, Tolerance, error_stats, ulps
 from verify.capture import BlobMap, blob_map, capture_blobs
-from verify.result import FAIL, PASS, SKIPPED, BlobRow, Scheme, VerificationResult
+from verify.result import FAIL, PASS, SKIPPED, BlobRow, Scheme, VerificationResult, verification_result
 from verify.stages import stages_not_covered
 from verify.teacher import ForcedStep, forced_steps
 
@@ -208,16 +208,11 @@ def verify_model(
         clock = time.perf_counter()
         drift_info = _drift(model, data.to(target), mapping, config, compared, reference)
         timings["drift (information)"] = time.perf_counter() - clock
-    verdict = FAIL if any(row.failed for row in rows) else PASS
-    log.info("verification %s: %d blobs, %d teacher-forced", verdict, len(end_to_end), len(teacher))
-    return VerificationResult(
-        verdict=verdict,
-        rows=tuple(rows),
+    result = verification_result(
+        rows,
         scheme=SCHEME,
-        producer=reference.producer,
-        reference_path=str(reference.path),
-        device=_device_name(target),
-        dtype="float32 (TF32 off)" if target.type == "cuda" else "float32",
+        reference=reference,
+        **device_and_dtype(target),
         scope=scope,
         not_in_reference=not_in_reference,
         stages_not_compared=stages_left_out,
@@ -225,6 +220,8 @@ def verify_model(
         drift=drift_info,
         timings=timings,
     )
+    log.info("verification %s: %d blobs, %d teacher-forced", result.verdict, len(end_to_end), len(teacher))
+    return result
 
 
 def _row(name: str, shape: tuple[int, ...], e2e: ErrorStats, noise: ErrorStats, forced: ForcedCheck | None) -> BlobRow:
@@ -407,6 +404,11 @@ def torch_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CaffeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def device_and_dtype(target: torch.device) -> dict[str, str]:
+    """The `device` and verdict `dtype` fields of a result computed by PyTorch on `target` (TF32 is off on CUDA)."""
+    return {"device": _device_name(target), "dtype": "float32 (TF32 off)" if target.type == "cuda" else "float32"}
 
 
 def _device_name(device: torch.device) -> str:

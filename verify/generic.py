@@ -31,8 +31,8 @@ from converter.errors import CaffeError, listed
 from converter.layers import INPUT_TYPES, CaffeNet, LayerInfo, build_net, load_plugin
 from verify.activations import ActivationsFile, read_activations
 from verify.budget import error_stats
-from verify.compare import SCHEME, ReferenceBlobs, _device_name, _exact_float32, _row, teacher_forced, torch_device
-from verify.result import FAIL, PASS, VerificationResult
+from verify.compare import SCHEME, ReferenceBlobs, _exact_float32, _row, device_and_dtype, teacher_forced, torch_device
+from verify.result import VerificationResult, verification_result
 from verify.teacher import ForcedStep
 
 SCOPE = "full"
@@ -135,15 +135,11 @@ def verify_caffe_net(
             forced = teacher_forced(steps[name], steps64[name], read) if name in steps else None
             rows.append(_row(name, reference.shape(name), e2e, noise[name], forced))
         timings["compare and teacher forcing"] = time.perf_counter() - clock
-    verdict = FAIL if any(row.failed for row in rows) else PASS
-    return VerificationResult(
-        verdict=verdict,
-        rows=tuple(rows),
+    return verification_result(
+        rows,
         scheme=SCHEME,
-        producer=reference.producer,
-        reference_path=str(reference.path),
-        device=_device_name(target),
-        dtype="float32 (TF32 off)" if target.type == "cuda" else "float32",
+        reference=reference,
+        **device_and_dtype(target),
         scope=SCOPE,
         not_in_reference=tuple(n for n in net.graph.blob_shapes if n not in reference and n not in net.graph.inputs),
         not_mapped=not_mapped,

@@ -28,7 +28,7 @@ from verify.activations import ActivationsFile, read_activations
 from verify.budget import NoiseBudget, error_stats
 from verify.compare import BUDGET_FACTOR, END_TO_END_FLOOR, TEACHER_FLOOR
 from verify.report import summary_line, write_report
-from verify.result import FAIL, PASS, BlobRow, Scheme, VerificationResult
+from verify.result import FAIL, PASS, BlobRow, Scheme, VerificationResult, verification_result
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,10 @@ def verify_onnx(
         rows.append(BlobRow(name=name, shape=tuple(expected.shape), status=FAIL if ratio > 1.0 else PASS,
                             end_to_end=e2e, noise=noise, budget=budget, end_to_end_ratio=ratio,
                             note="ONNX graph output"))
-    verdict = FAIL if any(row.failed for row in rows) else PASS
-    return VerificationResult(
-        verdict=verdict,
-        rows=tuple(rows),
+    return verification_result(
+        rows,
         scheme=SCHEME,
-        producer=reference.producer,
-        reference_path=str(reference.path),
+        reference=reference,
         device=f"cpu (onnxruntime {ort.__version__}, {onnx_path.name})",
         dtype="float32",
         scope="full",

@@ -151,7 +151,7 @@ def produce_opencv_reference(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="opencv_reference.") as tmp:
         net_param = parse_prototxt_text(text, path=prototxt)
-        rewritten = _rewrite_shrink_interps(cv2, net_param, graph, feeds, caffemodel, Path(tmp), prototxt)
+        rewritten = rewrite_shrink_interps(cv2, net_param, graph, feeds, caffemodel, Path(tmp), prototxt)
         run_text = text_format.MessageToString(net_param) if rewritten else text
         run_path = Path(tmp) / "run.prototxt"
         run_path.write_text(run_text, encoding="utf-8")
@@ -212,7 +212,7 @@ def _cv_message(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def _rewrite_shrink_interps(
+def rewrite_shrink_interps(
     cv2: ModuleType,
     net_param: Any,
     graph: BlobGraph,
@@ -221,7 +221,12 @@ def _rewrite_shrink_interps(
     tmp: Path,
     shown_as: Path,
 ) -> dict[str, tuple[int, int]]:
-    """Give every Interp that uses shrink_factor the explicit height/width Caffe computes; returns them.
+    """Give every Interp in `net_param` (a parsed NetParameter, edited in place) that uses shrink_factor
+    the explicit height/width Caffe computes for inputs shaped like `feeds`; returns them by layer name.
+
+    OpenCV dnn cannot read shrink_factor, so a net must pass through this before OpenCV loads it
+    (the reference generator here, the OpenCV benchmarks in benchmarks/opencv_net.py). Interp pads,
+    which OpenCV cannot do, are a CaffeError naming `shown_as`; `tmp` holds truncated nets.
 
     Processed in layer order: a bottom's shape comes from the fed inputs or from OpenCV's own shape
     inference on the net truncated just before the Interp (earlier Interps already rewritten).

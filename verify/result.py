@@ -6,8 +6,12 @@ Plain data, so the report writers and the manifest record need no torch and no r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
 
 from verify.budget import ErrorStats, Tolerance
+
+if TYPE_CHECKING:
+    from verify.activations import ActivationsFile
 
 PASS = "pass"
 FAIL = "fail"
@@ -92,3 +96,30 @@ class VerificationResult:
         """The compared blob that uses the largest share of its tolerance."""
         compared = [row for row in self.rows if row.status != SKIPPED]
         return max(compared, key=lambda row: row.worst_ratio, default=None)
+
+
+def verification_result(
+    rows: Iterable[BlobRow],
+    *,
+    scheme: Scheme,
+    reference: ActivationsFile,
+    device: str,
+    dtype: str,
+    scope: str,
+    **details: Any,
+) -> VerificationResult:
+    """The result of a verification against `reference` from its blob rows: the verdict is FAIL when any
+    row failed, else PASS. The one place every verifier (DeepLab, generic net, ONNX) assembles its result;
+    `details` are the optional VerificationResult fields (not_in_reference, not_mapped, drift, timings, ...)."""
+    kept = tuple(rows)
+    return VerificationResult(
+        verdict=FAIL if any(row.failed for row in kept) else PASS,
+        rows=kept,
+        scheme=scheme,
+        producer=reference.producer,
+        reference_path=str(reference.path),
+        device=device,
+        dtype=dtype,
+        scope=scope,
+        **details,
+    )
