@@ -121,6 +121,7 @@ def _bad_prototxt(tiny: dict[str, Path], old: str, new: str, folder: Path) -> Pa
     ('name: "res2a_branch2a"', 'name: "res2a_branch2x"', "res2a_branch2a"),
     ("num_output: 21", "num_output: 20", "num_output 20"),
     ('type: "BatchNorm"', 'type: "Scale"', "layer type Scale"),
+    ('name: "fc1_voc12_c0"', 'name: "aspp_c0"', "no ASPP head"),  # not silently taken for fc1_voc12
 ])
 def test_export_caffe_prototxt_not_fitting_is_one_line_exit_2_nothing_written(
     tiny: dict[str, Path], tmp_path: Path, old: str, new: str, expected: str

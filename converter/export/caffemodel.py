@@ -72,7 +72,7 @@ def deeplab_caffe_blobs(state_dict: Mapping[str, torch.Tensor], net: Net, manife
     of the wrong type, a head whose num_output differs or a BatchNorm eps that differs from the
     checkpoint's is an error naming the layer.
     """
-    head_name = detect_head_name([layer.name for layer in net.layers], path=net.path)
+    head_name = detect_head_name([layer.name for layer in net.layers], default=None, path=net.path)
     config, num_classes = config_from_state_dict(state_dict)
     bn_eps = float((manifest.get("model") or {}).get("bn_eps", DEFAULT_BN_EPS))
     net_eps = net_bn_eps(net)
