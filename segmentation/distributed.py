@@ -34,6 +34,13 @@ def init_distributed(device_kind: str) -> Dist:
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def leave_distributed() -> None:
+    """Tear the process group down before the process exits: a gloo rank that exits with its group
+    alive can abort ("terminate called without an active exception") and fail the whole job."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_device(name: str, place: Dist) -> torch.device:
     """'auto' is CUDA when available; a CUDA device under torchrun is the rank's local GPU."""
     if name == "auto":

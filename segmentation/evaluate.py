@@ -31,7 +31,7 @@ from converter.errors import CaffeError, listed
 from models.alignment import VOC_MEAN_BGR, prediction_input_size
 from models.deeplab import predict_scores
 from segmentation.crf import CRFParams, CRFWorkers, require_pydensecrf
-from segmentation.distributed import init_distributed, resolve_device
+from segmentation.distributed import Dist, init_distributed, leave_distributed, resolve_device
 from segmentation.data import Sample, check_pair, read_image, read_label, read_list
 from segmentation.fast import fold_batchnorm_into_convs
 from segmentation.metrics import ConfusionMatrix, Scores
@@ -415,6 +415,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     place = init_distributed("cuda" if gpu else "cpu")
+    try:
+        return _run(args, place)
+    finally:
+        leave_distributed()
+
+
+def _run(args: argparse.Namespace, place: Dist) -> int:
+    """The evaluation of `main` for this process's shard; rank 0 writes the report."""
     rank, world = place.rank, place.world_size
     samples = read_list(args.list, args.data, image_dir=args.image_dir, label_dir=args.label_dir,
                         image_ext=args.image_ext, label_ext=args.label_ext)

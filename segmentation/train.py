@@ -32,7 +32,7 @@ from converter.errors import CaffeError
 from converter.loading import build_model
 from models.deeplab import DeepLabV2MSC
 from segmentation.data import read_list
-from segmentation.distributed import Dist, init_distributed, resolve_device
+from segmentation.distributed import Dist, init_distributed, leave_distributed, resolve_device
 from segmentation.losses import LOSS_NAMES, deeplab_losses
 from segmentation.snapshots import parent_record, read_trainer_state, save_snapshot, snapshot_dir
 from segmentation.solver import CaffeSGD, SolverConfig, defines_in, param_groups, read_solver, read_text
@@ -452,8 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed()
     if place.main:
         losses = "" if result.first_loss is None else f"; total loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
         print(f"trained updates {result.start_update}..{result.end_update - 1}{losses}; snapshot {result.snapshot}")
