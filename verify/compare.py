@@ -172,7 +172,7 @@ def verify_model(
     model = model.eval().to(target)
     timings["load"] = time.perf_counter() - clock
 
-    with _exact_float32(target):
+    with exact_float32(target):
         clock = time.perf_counter()
         value32 = _capture(model, data.to(target), mapping, compared, reference)
         timings["float32 forward"] = time.perf_counter() - clock
@@ -202,7 +202,7 @@ def verify_model(
         if name in skipped:
             rows.append(BlobRow(name, shape, SKIPPED, note="head replaced by surgery"))
         elif name in end_to_end:
-            rows.append(_row(name, shape, end_to_end[name], noise[name], teacher.get(name)))
+            rows.append(blob_row(name, shape, end_to_end[name], noise[name], teacher.get(name)))
     drift_info: dict[str, dict[str, float]] = {}
     if target.type == "cuda" if drift is None else drift:
         clock = time.perf_counter()
@@ -224,7 +224,8 @@ def verify_model(
     return result
 
 
-def _row(name: str, shape: tuple[int, ...], e2e: ErrorStats, noise: ErrorStats, forced: ForcedCheck | None) -> BlobRow:
+def blob_row(name: str, shape: tuple[int, ...], e2e: ErrorStats, noise: ErrorStats, forced: ForcedCheck | None) -> BlobRow:
+    """One blob's report row: its end-to-end error against 10x its own fp32-vs-fp64 noise, plus teacher forcing."""
     budget = NoiseBudget(noise, BUDGET_FACTOR, END_TO_END_FLOOR).tolerance
     e2e_ratio = budget.ratio(e2e)
     failed = e2e_ratio > 1.0 or (forced is not None and forced.ratio > 1.0)
@@ -367,7 +368,7 @@ def _drift(
     }
     out: dict[str, dict[str, float]] = {}
     for mode, context in modes.items():
-        with _exact_float32(data.device), context():
+        with exact_float32(data.device), context():
             values = capture_blobs(model, data, mapping, names)
         blobs = ReferenceBlobs(reference, data.device)
         out[mode] = {n: error_stats(values[n], blobs.get(n)).max_rel for n in names}
@@ -388,7 +389,7 @@ def _tf32(enabled: bool) -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
-def _exact_float32(device: torch.device) -> contextlib.AbstractContextManager[None]:
+def exact_float32(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """TF32 off for the verdict on CUDA (float32 must mean float32); nothing to change on the CPU."""
     return _tf32(False) if device.type == "cuda" else contextlib.nullcontext()
 

@@ -31,7 +31,7 @@ from converter.errors import CaffeError, listed
 from converter.layers import INPUT_TYPES, CaffeNet, LayerInfo, build_net, load_plugin
 from verify.activations import ActivationsFile, read_activations
 from verify.budget import error_stats
-from verify.compare import SCHEME, ReferenceBlobs, _exact_float32, _row, device_and_dtype, teacher_forced, torch_device
+from verify.compare import SCHEME, ReferenceBlobs, blob_row, device_and_dtype, exact_float32, teacher_forced, torch_device
 from verify.result import VerificationResult, verification_result
 from verify.teacher import ForcedStep
 
@@ -109,7 +109,7 @@ def verify_caffe_net(
     net = net.eval().to(target)
     timings["load"] = time.perf_counter() - clock
 
-    with _exact_float32(target), torch.no_grad():
+    with exact_float32(target), torch.no_grad():
         clock = time.perf_counter()
         value32 = net.run({k: v.to(target) for k, v in feeds.items()}, keep=compared)
         timings["float32 forward"] = time.perf_counter() - clock
@@ -133,7 +133,7 @@ def verify_caffe_net(
         for name in compared:
             e2e = error_stats(value32.pop(name), read.get(name), scale=noise[name].scale)
             forced = teacher_forced(steps[name], steps64[name], read) if name in steps else None
-            rows.append(_row(name, reference.shape(name), e2e, noise[name], forced))
+            rows.append(blob_row(name, reference.shape(name), e2e, noise[name], forced))
         timings["compare and teacher forcing"] = time.perf_counter() - clock
     return verification_result(
         rows,
